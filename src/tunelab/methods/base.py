@@ -1,0 +1,159 @@
+"""The method contract: everything the trainer, evaluator and merger need from a method.
+
+A method is one module with a typed config (a :class:`~tunelab.config.MethodConfig` subclass) and
+a :class:`Method` subclass. The trainer never branches on a method's name; it only calls these
+hooks, in this order::
+
+    method = get_method(cfg.method.name)(cfg.method)
+    problems = Method.validate(run_cfg)          # at config parse time, before any loading
+    model = method.prepare(model, run_cfg)       # add adapters, set requires_grad
+    optimizer = method.build_optimizer(model, run_cfg.train)   # AdamW over param_groups() by default
+    for cb in method.callbacks(): ...            # step hooks (RoSA masks, GaLore bookkeeping)
+    method.trainable_state_dict(model)           # what a resumable checkpoint must hold
+    method.save_artifact(model, run_dir / method.artifact_dir)  # final adapter or full model
+    model = method.load_for_inference(base, run_dir / method.artifact_dir)   # eval / generate
+    model = method.merge(model)                  # plain HF model with the deltas folded in
+
+Methods register themselves in ``tunelab.methods.__init__`` with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from tunelab.config import MethodConfig, RunConfig, TrainConfig
+
+
+@dataclass
+class TrainState:
+    """What callbacks may read about the run (mutated by the trainer)."""
+
+    step: int = 0  # optimizer steps completed
+    max_steps: int = 0
+    micro_step: int = 0  # micro-batches seen in the current optimizer step (0-based)
+    grad_accum: int = 1
+    epoch: int = 0
+    world_size: int = 1
+    rank: int = 0
+    run_dir: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Callback:
+    """Hooks around optimizer steps. All optional; state_dict() is saved in checkpoints."""
+
+    def on_train_begin(self, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer exists and a checkpoint (if any) was loaded."""
+
+    def on_step_begin(self, state: TrainState, model: nn.Module) -> None:
+        """Before the first micro-batch of optimizer step ``state.step``."""
+
+    def on_before_optimizer_step(
+        self, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Gradients of the whole step are accumulated (and all-reduced under DDP), before clipping."""
+
+    def on_step_end(self, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After optimizer.step() and zero_grad(); ``state.step`` is already incremented."""
+
+    def on_train_end(self, state: TrainState, model: nn.Module) -> None:
+        """After the last step, before the final artifact is saved."""
+
+    def should_stop(self, state: TrainState) -> bool:
+        """Return True to end training after the current step (e.g. a mask-only RoSA run)."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Method:
+    """Base class of a fine-tuning method. Subclasses set ``name``, ``config_cls``, ``artifact_dir``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    #: folder inside the run directory that holds the final trained artifact
+    artifact_dir: ClassVar[str] = "adapter"
+    #: passed to DistributedDataParallel: True when some trainable parameters get no gradient on
+    #: some steps (e.g. RoSA's sparse values before the mask exists)
+    ddp_find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, config: "MethodConfig"):
+        self.config = config
+
+    # ---- configuration -----------------------------------------------------------------------
+    @classmethod
+    def validate(cls, run_cfg: "RunConfig") -> list[str]:
+        """Problems with this method's settings in the context of the whole run (each with its fix)."""
+        return []
+
+    # ---- training ----------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, run_cfg: "RunConfig") -> nn.Module:
+        """Turn the loaded base model into the trainable model (adapters, requires_grad)."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, train_cfg: "TrainConfig") -> list[dict[str, Any]]:
+        """Optimizer parameter groups; default: every trainable parameter, one group."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay}]
+
+    def build_optimizer(self, model: nn.Module, train_cfg: "TrainConfig") -> torch.optim.Optimizer:
+        groups = [g for g in self.param_groups(model, train_cfg) if g["params"]]
+        if not groups:
+            raise ValueError(f"method '{self.name}' left no trainable parameters")
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(
+            groups,
+            lr=train_cfg.lr,
+            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+            eps=train_cfg.adam_eps,
+            weight_decay=train_cfg.weight_decay,
+            fused=fused or None,
+        )
+
+    def callbacks(self) -> list[Callback]:
+        return []
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors a resumable checkpoint must hold: trainable parameters (+ method buffers)."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        named = dict(model.named_parameters())
+        missing = [n for n, p in named.items() if p.requires_grad and n not in state]
+        unexpected = [n for n in state if n not in named]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for n, t in state.items():
+                named[n].copy_(t)
+
+    def extra_results(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Method-specific numbers for results.json (e.g. optimizer-state bytes, SVD time)."""
+        return {}
+
+    # ---- artifacts ---------------------------------------------------------------------------
+    def save_artifact(self, model: nn.Module, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load_for_inference(self, base_model: nn.Module, artifact_dir: Path) -> nn.Module:
+        """Apply the trained artifact to a freshly loaded base model (unmerged where possible)."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Return a plain transformers model with the method's deltas folded into the weights."""
+        raise NotImplementedError

