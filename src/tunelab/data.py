@@ -86,11 +86,10 @@ def build_train_dataset(task: Task, tokenizer, cfg: DataConfig, seed: int) -> tu
     out = []
     longest = 0
     for ex in selected:
-        n_full = None
         tok, status = tokenize_example(ex, tokenizer, cfg.max_length, cfg.overlong)
         if status != "ok":
-            n_full = len(tokenizer(ex.prompt + ex.response, add_special_tokens=False)["input_ids"]) + 1
-            longest = max(longest, n_full)
+            full_length = len(tokenizer(ex.prompt + ex.response, add_special_tokens=False)["input_ids"]) + 1
+            longest = max(longest, full_length)
         if status == "truncated":
             stats.truncated += 1
         elif status == "dropped":
