@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune a model (writes a run directory)", formatter_class=_Formatter,
         description="Fine-tune the configured model on the task with the method; writes RUN/ "
         "(config.yaml, metrics.jsonl, results.json, the adapter or model, tokenizer, checkpoints).",
-        epilog=_LazyHelp(),
+        epilog=_config_reference(),
     )
     p.add_argument("--config", "-c", help="YAML experiment file (overrides apply on top)")
     p.add_argument("--resume", metavar="RUN", nargs="?", const=True, default=False,
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate on the task's test split and score it; writes <RUN|out>/eval/results.json "
         "and predictions.jsonl. TARGET is a run directory (adapter applied unmerged) or a HF model folder; "
         "--base evaluates the untrained base model of the config.",
-        epilog=_LazyHelp(("model", "task", "eval")),
+        epilog=_config_reference(("model", "task", "eval")),
     )
     p.add_argument("target", nargs="?", help="run directory or model folder")
     p.add_argument("--base", action="store_true", help="evaluate the untrained base model (set out= for where results go)")
@@ -107,21 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_later_commands(sub)
     return parser
-
-
-class _LazyHelp(str):
-    """argparse epilog computed when printed (the registries import the methods and tasks)."""
-
-    def __new__(cls, sections=("model", "task", "data", "method", "train", "eval")):
-        obj = super().__new__(cls, "")
-        obj.sections = sections
-        return obj
-
-    def __str__(self):
-        return _config_reference(self.sections)
-
-    def __bool__(self):
-        return True
 
 
 def _add_later_commands(sub) -> None:
