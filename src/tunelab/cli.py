@@ -201,14 +201,18 @@ def cmd_eval(args) -> int:
             evaluate(cfg, path, path)
         return 0
     if (path / "config.json").is_file():  # a merged or plain HF folder
-        merged_of = path.parent if (path.parent / "config.yaml").is_file() else None
-        base = run_config(merged_of, []) if merged_of else load_config(overrides=[])
-        raw_over = [f"model={path}", *overrides]
-        cfg = load_config(overrides=[f"task={base.task.name}", *raw_over]) if merged_of else load_config(overrides=raw_over)
-        if merged_of:
-            cfg.task = base.task
+        # RUN/merged keeps its run's task and eval settings; any other folder uses the defaults.
+        parent = path.parent
+        base_overrides = [f"model={path}", *overrides]
+        label = None
+        if (parent / "config.yaml").is_file() and not (parent / "BASE").is_file():
+            cfg = run_config(parent, base_overrides)
+            label = f"{cfg.method.name}-merged"
+        else:
+            cfg = load_config(overrides=base_overrides)
+            label = "model-folder"
         cfg.out = str(path)
-        evaluate(cfg, None, path)
+        evaluate(cfg, None, path, method_label=label)
         return 0
     raise ConfigError([f"'{target}' is neither a run directory (config.yaml) nor a model folder (config.json)"])
 

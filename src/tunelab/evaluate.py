@@ -168,8 +168,11 @@ def _generated_length(row: torch.Tensor, eos_id: int, pad_id: int) -> int:
     return int((row != pad_id).sum())
 
 
-def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path) -> dict[str, Any]:
-    """Evaluate on the task's eval split; writes out_dir/eval/{results.json, predictions.jsonl}."""
+def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: str | None = None) -> dict[str, Any]:
+    """Evaluate on the task's eval split; writes out_dir/eval/{results.json, predictions.jsonl}.
+
+    ``run_dir`` None evaluates ``cfg.model`` as it is (base model or a merged folder).
+    """
     t0 = time.time()
     task = get_task(cfg.task.name)(cfg.task)
     eval_cfg = generation_settings(task, cfg.eval)
@@ -197,7 +200,7 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path) -> dict[str, A
         "schema_version": 1,
         "kind": "eval",
         "task": cfg.task.name,
-        "method": cfg.method.name if run_dir is not None else "base",
+        "method": method_label or (cfg.method.name if run_dir is not None else "base"),
         "model": cfg.model.name,
         "run_dir": str(run_dir) if run_dir else None,
         "split": eval_cfg.split,

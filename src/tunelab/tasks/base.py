@@ -89,7 +89,14 @@ class Task:
         folder = self.local_dir()
         if folder is not None:
             return self.read_local_split(folder, split)
-        return self.load_hub_rows(split)
+        try:
+            return self.load_hub_rows(split)
+        except ConnectionError as exc:
+            raise FileNotFoundError(
+                f"task '{self.name}': the Hub dataset could not be reached ({exc}); work offline by "
+                f"setting ${DATA_DIR_ENV} (a folder with {self.data_subdir or '<task>'}/train.jsonl, test.jsonl) "
+                f"or task.data_dir"
+            ) from exc
 
     def load_hub_rows(self, split: str) -> list[dict]:
         raise FileNotFoundError(
