@@ -234,7 +234,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides placed after a flag (`RUN --prompt x eval.batch_size=4`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     import logging
 
     setup_logging(logging.WARNING if args.quiet else logging.INFO)

