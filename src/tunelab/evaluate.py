@@ -37,6 +37,19 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(problems)
     raw = deep_merge(raw, over)
     raw["out"] = str(run_dir)
+    method_raw = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    if (run_dir / "results.json").is_file() and method_raw.get("name"):
+        from tunelab.methods import get_method
+
+        try:
+            training_only = get_method(method_raw["name"]).training_only_keys
+        except KeyError:
+            training_only = ()
+        for key in training_only:
+            value = method_raw.get(key)
+            if isinstance(value, str) and not Path(value).exists():
+                log.info(f"{run_dir}: method.{key}={value} is gone; not needed for a finished run")
+                method_raw[key] = None
     return build_config(raw)
 
 

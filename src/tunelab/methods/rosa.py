@@ -538,6 +538,7 @@ class RosaMethod(Method):
     name = "rosa"
     config_cls = RosaConfig
     artifact_dir = "adapter"
+    training_only_keys = ("mask_from",)
     #: DistributedDataParallel must be built with find_unused_parameters=True (see the module docstring)
     ddp_find_unused_parameters = True
 

@@ -148,7 +148,6 @@ class SummarizationTask(Task):
     config_cls: ClassVar[type] = SummarizationConfig
     data_subdir: ClassVar[str | None] = None
     primary_metric: ClassVar[str] = "rougeL"
-    skip_reason: ClassVar[str] = "had an empty article or summary, or a summary too long for data.max_length"
     train_split: ClassVar[str] = "train"
 
     def __init__(self, config: TaskConfig):
