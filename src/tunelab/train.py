@@ -389,7 +389,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 with ctx:
                     loss_sum = target_loss_sum(model, selector, batch)
                     # DDP averages gradients over ranks: scale so the result is sum / global targets.
-                    (loss_sum * (world / max(global_targets, 1.0))).backward()
+                    try:
+                        (loss_sum * (world / max(global_targets, 1.0))).backward()
+                    except FloatingPointError as exc:  # raised by methods that step inside backward
+                        ckpts = checkpoint_dirs(run_dir)
+                        raise TrainingDiverged(
+                            f"{exc} at optimizer step {state.step + 1}. Weights were being updated during backward "
+                            f"(layer-wise optimizer), so the current state is not saved; the last good checkpoint is "
+                            f"{ckpts[-1] if ckpts else 'none (set train.save_steps)'}. Lower train.lr, then "
+                            f"`tunelab train --resume {run_dir}`."
+                        ) from exc
                 step_loss_sum += float(loss_sum.detach())
                 tokens_seen += int(batch["attention_mask"].sum())
             step_loss = _all_reduce_sum(step_loss_sum, device, world) / max(global_targets, 1.0)
