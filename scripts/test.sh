@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_P
 PY=${PY:-.venv/bin/python}
 SLURM_TOOL=../shared/tools/slurm-local
 if [ -f "$SLURM_TOOL/start.sh" ] && [ "$(id -u)" = 0 ] && [ -z "${TUNELAB_NO_SLURM:-}" ]; then
-  if out=$(bash "$SLURM_TOOL/start.sh" 2>/tmp/tunelab-slurm-start.log); then
+  # two slurmd "nodes" so the multi-node (srun torchrun --nnodes 2) test runs too
+  if out=$(SLURM_LOCAL_NODES=${SLURM_LOCAL_NODES:-2} bash "$SLURM_TOOL/start.sh" 2>/tmp/tunelab-slurm-start.log); then
     eval "$out"
     trap 'bash "$SLURM_TOOL/stop.sh" >/dev/null 2>&1 || true' EXIT
     echo "[test] local SLURM started (SLURM_CONF=${SLURM_CONF:-})"

@@ -135,7 +135,7 @@ def cmd_train(args) -> int:
     from tunelab.train import train
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_torchrun(args.nproc)
+        return _relaunch_torchrun(args)
     if args.resume:
         run = args.resume if isinstance(args.resume, str) else None
         if run is None:
@@ -154,25 +154,63 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _relaunch_torchrun(nproc: int) -> int:
-    """`tunelab train --nproc N ...` = `torchrun --nproc_per_node N -m tunelab train ...`."""
+def _relaunch_torchrun(args) -> int:
+    """`tunelab train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m tunelab train ...`.
+
+    The command line is rebuilt from the parsed arguments (``sys.argv`` is not this command's when
+    ``main(argv)`` is called from Python). SIGTERM/SIGUSR1/SIGHUP sent to this process (SLURM's
+    preemption warning, ``kill``) are forwarded to torchrun, which forwards them to every rank
+    (``PET_SIGNALS_TO_HANDLE`` adds USR1; without it torchrun dies on USR1 and leaves its workers
+    running); the ranks checkpoint and exit, and this returns 143 like a 1-process run.
+    """
+    import shlex
+    import signal
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
-    cleaned, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *cleaned]
-    log.info("launching: " + " ".join(cmd))
-    return subprocess.call(cmd)
+    from tunelab.train import PREEMPT_EXIT_CODE
+
+    argv = ["-q"] if getattr(args, "quiet", False) else []
+    argv.append("train")
+    if args.config:
+        argv += ["--config", args.config]
+    if isinstance(args.resume, str):
+        argv += ["--resume", args.resume]
+    argv += list(args.overrides)
+    if args.resume is True:
+        argv.append("--resume")  # last: a bare --resume must not swallow an override as its RUN
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "tunelab", *argv]
+    env = dict(os.environ)
+    # torchrun's --signals_to_handle (env PET_...; older torch reads TORCHELASTIC_...): forward USR1 too.
+    signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    env.setdefault("PET_SIGNALS_TO_HANDLE", signals)
+    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", env["PET_SIGNALS_TO_HANDLE"])
+    log.info("launching: " + shlex.join(cmd))
+    proc = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+
+    def forward(signum, frame):  # noqa: ARG001
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        try:
+            old[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reaches torchrun too (same process group): wait for it
+                received.append(signal.SIGINT)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return PREEMPT_EXIT_CODE if received and rc != 0 else rc
 
 
 def cmd_eval(args) -> int:

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -360,7 +361,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     if is_main and cfg.train.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        # in a log file (SLURM) a line every 30 s instead of a redraw per step
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        progress = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=interval)
 
     model.train()
     train_time = 0.0
@@ -422,8 +426,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 cb.on_step_end(state, unwrap(model), optimizer)
             train_time += time.perf_counter() - t_step
             last_loss = step_loss
-            window_loss += step_loss_sum
-            window_tokens += local_targets
+            window_loss += step_loss * global_targets  # global sums: the logged loss is over all ranks
+            window_tokens += global_targets
             if progress:
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -470,13 +474,15 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     for cb in callbacks:
         cb.on_train_end(state, unwrap(model))
     results: dict[str, Any] = {}
+    # Collectives run on every rank (a collective called by rank 0 alone deadlocks the others).
+    tokens_total = _all_reduce_sum(tokens_seen, device, world)
+    target_tokens_total = _all_reduce_sum(target_tokens_seen, device, world)
     if is_main:
         final_model = unwrap(model)
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".artifact-"))
         method.save_artifact(final_model, tmp)
         atomic_replace_dir(tmp, run_dir / method.artifact_dir)
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-        tokens_total = _all_reduce_sum(tokens_seen, device, world)
         results = {
             "schema_version": 1,
             "kind": "train",
@@ -497,7 +503,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             "wall_time_s": time.time() - t_start,
             "train_tokens": tokens_total,
             "train_tokens_per_s": tokens_total / max(train_time, 1e-9),
-            "target_tokens_per_s": _all_reduce_sum(target_tokens_seen, device, world) / max(train_time, 1e-9),
+            "target_tokens_per_s": target_tokens_total / max(train_time, 1e-9),
             "final_loss": last_loss,
             "data": asdict(stats),
             "method_results": method.extra_results(final_model, optimizer),
