@@ -381,7 +381,7 @@ def _build_polymorphic(
     return _build(registry[name], raw, path, problems)
 
 
-def build_config(raw: dict) -> RunConfig:
+def build_config(raw: dict, check_env: bool = True) -> RunConfig:
     """Build and validate a RunConfig from a nested dict; raises ConfigError with every problem."""
     methods, tasks = method_config_classes(), task_config_classes()
     problems: list[str] = []
@@ -395,14 +395,18 @@ def build_config(raw: dict) -> RunConfig:
     if task is not None:
         cfg.task = task
     if not problems:
-        problems.extend(validate(cfg))
+        problems.extend(validate(cfg, check_env))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def validate(cfg: RunConfig) -> list[str]:
-    """Range checks and cross-field rules; the method and task add their own."""
+def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
+    """Range checks and cross-field rules; the method and task add their own.
+
+    ``check_env=False`` skips what depends on this machine (is there a CUDA GPU?), so a GPU config
+    can be validated where it is prepared: `tunelab sweep --list` or a job submission on a login node.
+    """
     from tunelab.methods import get_method
     from tunelab.tasks import get_task
 
@@ -437,7 +441,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.model.load_in_4bit:
         import torch
 
-        if not torch.cuda.is_available():
+        if check_env and not torch.cuda.is_available():
             p.append(
                 "model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); "
                 "this machine has none: set model.load_in_4bit=false to train in full precision"
@@ -450,7 +454,8 @@ def validate(cfg: RunConfig) -> list[str]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
+    check_env: bool = True,
 ) -> RunConfig:
     """Defaults ← ``base`` dict ← YAML file ← overrides; raises ConfigError listing every problem."""
     problems: list[str] = []
@@ -477,7 +482,7 @@ def load_config(
             raw[section] = {}
     raw = deep_merge(raw, over)
     try:
-        cfg = build_config(raw)
+        cfg = build_config(raw, check_env)
     except ConfigError as exc:
         raise ConfigError(problems + exc.problems) from None
     if problems:
