@@ -108,7 +108,10 @@ def generation_settings(task, eval_cfg: EvalConfig) -> EvalConfig:
         presets = task.generation_presets()
         if eval_cfg.preset not in presets:
             raise ConfigError([f"eval.preset '{eval_cfg.preset}' is unknown for task '{task.name}' (known: {', '.join(presets) or 'none'})"])
-        return replace(eval_cfg, **presets[eval_cfg.preset])
+        defaults = EvalConfig()
+        # a key the user set explicitly (differs from the default) wins over the preset
+        chosen = {k: v for k, v in presets[eval_cfg.preset].items() if getattr(eval_cfg, k) == getattr(defaults, k)}
+        return replace(eval_cfg, **chosen)
     return eval_cfg
 
 

@@ -40,7 +40,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from tunelab.config import TaskConfig, opt
+from tunelab.config import EvalConfig, TaskConfig, opt
 from tunelab.tasks.base import Example, Scored, Task
 from tunelab.utils import log
 
@@ -211,7 +211,9 @@ class SummarizationTask(Task):
         if c.bootstrap_resamples < 0:
             p.append(f"task.bootstrap_resamples must be >= 0, got {c.bootstrap_resamples}")
         # Evaluation prompts get data.max_length - eval.max_new_tokens tokens (after the preset).
-        max_new = cls.generation_presets_for(run_cfg.eval.preset).get("max_new_tokens", run_cfg.eval.max_new_tokens)
+        max_new = run_cfg.eval.max_new_tokens
+        if max_new == EvalConfig().max_new_tokens:  # an explicit eval.max_new_tokens wins over the preset
+            max_new = cls.generation_presets_for(run_cfg.eval.preset).get("max_new_tokens", max_new)
         room = run_cfg.data.max_length - max_new
         if room < c.min_article_tokens + 8:
             p.append(
@@ -376,6 +378,29 @@ class SummarizationTask(Task):
                 meta=meta,
             ))
         return out
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:  # type: ignore[override]  # per config, not per class
+        """The row field a prompt is built from (what ``tunelab generate`` fills from user input)."""
+        return (self.fields()[0],)
+
+    def format_prompt(self, row: dict, tokenizer=None, max_prompt_tokens: int | None = None) -> str:
+        """The evaluation prompt for a row that needs only the article (no summary): the article is
+        cut to fit ``max_prompt_tokens`` (and task.max_article_tokens) exactly as in evaluation."""
+        field = self.fields()[0]
+        article = get_field(row, field)
+        article = str(article).strip() if article is not None else ""
+        if not article:
+            raise ValueError(f"the row has no '{field}' text to summarize (fields present: {sorted(row)})")
+        if tokenizer is None or (max_prompt_tokens is None and self.config.max_article_tokens is None):
+            return self.build_prompt(article)
+        fitted = self._fit([article], tokenizer, [max_prompt_tokens])[0]
+        if fitted is None:
+            raise ValueError(
+                f"a prompt budget of {max_prompt_tokens} tokens leaves fewer than task.min_article_tokens="
+                f"{self.config.min_article_tokens} article tokens: raise data.max_length or lower the new-token limit"
+            )
+        return fitted[0]
 
     def to_example(self, row, idx, tokenizer=None, max_prompt_tokens=None, *, for_training: bool = True):
         """One row → Example, or None for an empty row or one whose summary leaves no room for the article.
