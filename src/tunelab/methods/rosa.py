@@ -4,7 +4,7 @@ W' = W + (alpha/r)·B·A + S for every adapted linear layer, W frozen. S has exa
 int(density·m·n) trainable values on a per-layer mask: the top-k entries of the dense weight gradient
 (|mean G|, or mean G² — an empirical diagonal Fisher) accumulated over ``spa_num_grads`` optimizer
 steps. Pure PyTorch (CPU and CUDA, float or bitsandbytes 4-bit bases); the math lives in
-:mod:`tunelab.methods.rosa_ops`. See docs/rosa.md for the recipe and the numbers.
+:mod:`tunelab.methods.rosa_ops`. See the RoSA section of README.md for the recipe and the numbers.
 
 What the trainer must do for RoSA
 ---------------------------------
@@ -29,7 +29,7 @@ What the trainer must do for RoSA
   The accumulated gradients of an unfinished collection window are not checkpointed (they are the
   size of the model): resuming inside the window restarts it at the resume step (logged).
 
-Design choices are measured and explained in :mod:`tunelab.methods.rosa_ops` and docs/rosa.md.
+Design choices are measured and explained in :mod:`tunelab.methods.rosa_ops` and the RoSA section of README.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One adapted layer computes ``O = X·(W + S)ᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ`` 
 bitsandbytes 4-bit), LoRA factors A (r×n), B (m×r), scale s = alpha/r, and a sparse S holding
 ``nnz`` trainable values on a fixed mask (flat row-major indices into W).
 
-Formulations (measured on CPU, 1 thread, 1600 tokens, SmolLM2-135M shapes; see docs/rosa.md):
+Formulations (measured on CPU, 1 thread, 1600 tokens, SmolLM2-135M shapes; see the RoSA section of README.md):
 
 * forward, training: ``W_eff = W.clone(); W_eff.view(-1).index_add_(idx, v)`` then one dense GEMM.
   The copy costs 0.1–0.5 ms per layer against 14–36 ms for the GEMM, and is recomputed in
