@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
               tunelab eval RUN eval.limit=8
               tunelab eval --base task=gsm8k eval.limit=8 out=BASE
               tunelab merge RUN
+              tunelab generate RUN --prompt "..."
+              tunelab sweep configs/sweeps/cpu-smollm2-gsm8k.yaml --list
+              tunelab report runs/cpu-smollm2-gsm8k --out REPORT
+              tunelab submit train task=gsm8k method=lora out=RUN --slurm.partition=debug --dry-run
             """
         ),
     )
