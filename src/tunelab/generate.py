@@ -32,7 +32,7 @@ import torch
 
 from tunelab.config import ConfigError, EvalConfig, RunConfig, load_config, opt
 from tunelab.tasks import Task, get_task
-from tunelab.utils import append_jsonl, atomic_write_json, log, seed_everything
+from tunelab.utils import iter_jsonl, append_jsonl, atomic_write_json, log, seed_everything
 
 __all__ = [
     "DecodeOptions",
@@ -328,18 +328,7 @@ def read_input(path: Path) -> list[tuple[int, dict]]:
             f"--input {path} does not exist"
             + (f" ({where} has: {', '.join(have)})" if have else "")
         )
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append((lineno, row))
+    rows = list(iter_jsonl(path))
     if not rows:
         raise ValueError(f"--input {path} holds no rows")
     return rows

@@ -316,7 +316,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     except yaml.YAMLError as exc:
         raise SweepError(path, [f"not valid YAML: {exc}"]) from None
     if not isinstance(doc, dict):
-        raise SweepError(path, ["a sweep file must be a mapping with base:, grid: and/or points: (see "Experiments" in README.md)"])
+        raise SweepError(path, ["a sweep file must be a mapping with base:, grid: and/or points: (see 'Experiments' in README.md)"])
     problems: list[str] = []
     for key in doc:
         if key not in SWEEP_KEYS:
@@ -1100,7 +1100,7 @@ def add_cli(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run every point of a sweep file that is not finished yet, one after another: train, then "
         "evaluate (baseline points evaluate the untrained model). Finished points are skipped; failed points "
-        "are recorded in RUN/FAILED and retried next time. See "Experiments" in README.md for the file format.",
+        "are recorded in RUN/FAILED and retried next time. See 'Experiments' in README.md for the file format.",
         epilog="examples:\n"
         "  tunelab sweep configs/sweeps/cpu-smollm2-gsm8k.yaml --list\n"
         "  tunelab sweep configs/sweeps/cpu-smollm2-gsm8k.yaml\n"

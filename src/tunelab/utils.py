@@ -79,9 +79,8 @@ def append_jsonl(path: Path, record: dict) -> None:
         fh.flush()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file; a malformed line raises ValueError naming the file and line number."""
-    rows = []
+def iter_jsonl(path: Path):
+    """(line number, row) of each non-blank line; a malformed line raises ValueError naming file and line."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -92,8 +91,12 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file; a malformed line raises ValueError naming the file and line number."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def seed_everything(seed: int) -> None:
