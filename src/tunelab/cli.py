@@ -17,7 +17,6 @@ from tunelab.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
-    RunConfig,
     TrainConfig,
     field_help,
     load_config,

@@ -53,7 +53,7 @@ from typing import Any, Optional
 import yaml
 
 from tunelab.config import ConfigError, RunConfig, field_help, load_config, opt, save_config
-from tunelab.utils import atomic_write_json, atomic_write_text, log
+from tunelab.utils import atomic_write_json, atomic_write_text
 
 __all__ = [
     "SlurmConfig",
