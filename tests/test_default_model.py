@@ -31,9 +31,10 @@ def test_train_eval_merge_on_default_model(tmp_path):
         "train.max_steps=2", "train.report_to=[]", "train.progress_bar=false", f"out={run}",
     ]))
     assert res["steps"] == 2 and 0 < res["final_loss"] < 5  # an instruct model already predicts GSM8K text well
-    out = evaluate(run_config(run, ["eval.limit=4", "eval.max_new_tokens=48"]), run, run)
-    assert out["metrics"]["n"] == 4
+    out = evaluate(run_config(run, ["eval.limit=3", "eval.max_new_tokens=32"]), run, run)
+    assert out["metrics"]["n"] == 3 and out["generated_tokens"] > 0
     preds = [json.loads(l) for l in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert all(p["completion"] for p in preds)  # the model writes an answer, not nothing
+    assert any(p["completion"].strip() for p in preds)  # the model writes answers, not nothing
+    assert all(p["expected"] for p in preds)
     report = merge_run(run_config(run), run)
     assert report["max_abs_logit_diff"] < 1e-3

@@ -467,8 +467,11 @@ def test_trainer_layerwise_equals_standard(tiny_model_dir, tmp_path):
     b = load_file(str(tmp_path / "lw" / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # a diverging layer-wise run stops loudly instead of applying non-finite gradients
-    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+    # a diverging layer-wise run stops loudly instead of applying non-finite gradients, and the
+    # trainer reports it as divergence naming the last good checkpoint
+    from tunelab.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="non-finite gradient.*last good checkpoint"):
         train(_train_cfg(tiny_model_dir, tmp_path / "nan", "train.max_steps=6", "train.lr=1e12",
                          "train.max_grad_norm=0", "method.layerwise=true"))
 

@@ -281,9 +281,11 @@ def test_config_errors_name_the_fix(tmp_path):
     assert "task.data_dir '/no/dir' does not exist" in msg
     with pytest.raises(ConfigError, match="task=summarization needs data"):
         load_config(overrides=["task=summarization"])
-    # the preset's max_new_tokens is what eval will use
+    # the preset's max_new_tokens is what eval will use, unless eval.max_new_tokens is set explicitly
     with pytest.raises(ConfigError, match="after eval.max_new_tokens=150"):
-        load_config(overrides=["task=news_summary", "data.max_length=160", "eval.preset=original", "eval.max_new_tokens=8"])
+        load_config(overrides=["task=news_summary", "data.max_length=160", "eval.preset=original"])
+    cfg = load_config(overrides=["task=news_summary", "data.max_length=160", "eval.preset=original", "eval.max_new_tokens=8"])
+    assert cfg.eval.max_new_tokens == 8
 
 
 def test_hub_rows_use_text_and_first_prediction(monkeypatch):
