@@ -672,6 +672,20 @@ def _fraction_x(r: Row) -> Any:
     return r.setting("data.train_fraction")
 
 
+def _quality_line_figure(lines, get, rows, metric, colors, path, xlabel: str, title: str) -> None:
+    """Quality (y) against one setting (x), a line per method/setting, baselines as horizontal lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _plot_lines(ax, lines, get, colors)
+    _draw_baselines(ax, _baselines(rows, metric))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(_quality_label(metric, rows))
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
 def fig_quality_vs_fraction(task, rows, metric, path, colors) -> str:
     get = lambda x: x.metrics.get(metric)  # noqa: E731
     lines = _lines(rows, get, "data.train_fraction", _fraction_x)
@@ -679,16 +693,9 @@ def fig_quality_vs_fraction(task, rows, metric, path, colors) -> str:
         found = sorted({r.setting("data.train_fraction") for r in rows if r.method != "base"}, key=str)
         raise Omit(f"needs runs of one method on {task} at 2+ values of data.train_fraction with the other settings "
                    f"equal (found: {', '.join(map(str, found)) or 'none'})")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _plot_lines(ax, lines, get, colors)
-    _draw_baselines(ax, _baselines(rows, metric))
-    ax.set_xlabel("fraction of the training split used (data.train_fraction)")
-    ax.set_ylabel(_quality_label(metric, rows))
-    ax.set_title(f"{task}: quality vs training-data fraction")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _quality_line_figure(lines, get, rows, metric, colors, path,
+                         "fraction of the training split used (data.train_fraction)",
+                         f"{task}: quality vs training-data fraction")
     return "Quality as the share of training data grows; one line per method and setting."
 
 
@@ -705,16 +712,7 @@ def fig_quality_vs_epochs(task, rows, metric, path, colors) -> str:
         found = sorted({_epochs_x(r) for r in rows if r.method != "base" and _epochs_x(r) is not None}, key=str)
         raise Omit(f"needs epoch-based runs (train.max_steps=-1) of one method on {task} at 2+ values of "
                    f"train.epochs with the other settings equal (found: {', '.join(map(str, found)) or 'none'})")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _plot_lines(ax, lines, get, colors)
-    _draw_baselines(ax, _baselines(rows, metric))
-    ax.set_xlabel("training epochs")
-    ax.set_ylabel(_quality_label(metric, rows))
-    ax.set_title(f"{task}: quality vs epochs")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _quality_line_figure(lines, get, rows, metric, colors, path, "training epochs", f"{task}: quality vs epochs")
     return "Quality after each number of epochs; one line per method and setting."
 
 
