@@ -393,6 +393,88 @@ def test_ddp_two_ranks_preempted_resumed_equal_one_process(tiny_model_dir, tmp_p
     assert lo == pytest.approx(l1, rel=1e-5), "the logged loss must be the global mean over both ranks"
 
 
+def test_fsdp_two_ranks_full_finetune_resumed_equals_one_process(tiny_model_dir, tmp_path, quiet_env):
+    """FSDP2 (train.parallelism=fsdp): full fine-tuning sharded over 2 gloo ranks = 1 process.
+
+    The run checkpoints at step 2 (gathered from both shards), is cut back to that checkpoint as if
+    it had crashed, and resumes on 2 ranks (each re-shards the whole checkpoint); the saved model
+    (gathered to rank 0 and written as a plain HF folder) and the logged losses match an unsharded
+    single process with the same global batch.
+    """
+    import shutil
+
+    from tunelab.config import load_config
+    from tunelab.train import train
+
+    common = ["method=full", "data.limit=16", "data.shuffle=false", "data.group_by_length=false",
+              "train.max_steps=4", "model.device=cpu", "train.lr=1e-3"]
+    sharded = tmp_path / "fsdp"
+    log = tmp_path / "fsdp.log"
+    cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *_tiny(tiny_model_dir, sharded, *common,
+           "train.parallelism=fsdp", "train.batch_size=1", "train.grad_accum=2", "train.save_steps=2")]
+    assert _run_group(cmd, log, timeout=300, marker=str(sharded)) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "FSDP2: 2 blocks (LlamaDecoderLayer) + root sharded over 2 processes" in text
+    assert "x 2 processes = 4 examples; 4 optimizer steps (4 per epoch); FSDP2 (sharded)" in text
+    assert json.loads((sharded / "results.json").read_text())["parallelism"] == "fsdp"
+    uninterrupted = load_file(str(sharded / "model" / "model.safetensors"))
+    for name in ("model", "results.json", "tokenizer"):
+        p = sharded / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert [c.name for c in (sharded / "checkpoints").iterdir()] == ["step-000002"]
+    rc = _run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(sharded)], log,
+                    timeout=300, marker=str(sharded))
+    assert rc == 0, log.read_text()[-3000:]
+    resumed = load_file(str(sharded / "model" / "model.safetensors"))
+
+    one = tmp_path / "one"
+    train(load_config(overrides=_tiny(tiny_model_dir, one, *common, "train.batch_size=4")))
+    single = load_file(str(one / "model" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert single.keys() == resumed.keys() == uninterrupted.keys()
+    moved = max(float((single[k] - base[k]).abs().max()) for k in single)
+    assert moved > 1e-3, "the weights barely moved: the comparison would be vacuous"
+    for k in single:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=1e-6, msg=f"{k}: resume is not exact")
+        torch.testing.assert_close(resumed[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from 1 process")
+    lf = [json.loads(line)["loss"] for line in (sharded / "metrics.jsonl").read_text().splitlines()]
+    l1 = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert lf == pytest.approx(l1, rel=1e-5)
+
+
+def test_fsdp_two_ranks_lora_equals_one_process(tiny_model_dir, tmp_path, quiet_env):
+    """LoRA under FSDP2: the PEFT-wrapped model shards per decoder layer; the adapter matches 1 process."""
+    from tunelab.config import load_config
+    from tunelab.train import train
+
+    common = ["method.dropout=0", "data.limit=16", "data.shuffle=false", "data.group_by_length=false",
+              "train.max_steps=4", "model.device=cpu", "train.lr=1e-2"]
+    sharded, one, log = tmp_path / "fsdp", tmp_path / "one", tmp_path / "fsdp.log"
+    cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *_tiny(tiny_model_dir, sharded, *common,
+           "train.parallelism=fsdp", "train.batch_size=1", "train.grad_accum=2")]
+    assert _run_group(cmd, log, timeout=300, marker=str(sharded)) == 0, log.read_text()[-3000:]
+    train(load_config(overrides=_tiny(tiny_model_dir, one, *common, "train.batch_size=4")))
+    a = load_file(str(sharded / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k) > 1e-2  # it trained
+    diff = sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
+    size = sum(float(b[k].norm()) ** 2 for k in a) ** 0.5
+    assert diff / size < 2e-5, f"FSDP adapter differs from the 1-process adapter: relative {diff / size:.2e}"
+
+
+def test_fsdp_refuses_methods_that_cannot_shard(tiny_model_dir):
+    from tunelab.config import ConfigError, load_config
+
+    for method in ("rosa", "galore"):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides=[f"model={tiny_model_dir}", f"method={method}", "train.parallelism=fsdp"])
+        assert f"train.parallelism=fsdp cannot shard method={method}" in str(err.value)
+        assert "Use train.parallelism=ddp" in str(err.value)
+    for method in ("full", "lora"):  # these shard
+        assert load_config(overrides=[f"model={tiny_model_dir}", f"method={method}", "train.parallelism=fsdp"])
+
+
 # --------------------------------------------------------------------------------------------
 # A real SLURM (.ci/run starts the loopback cluster; see the module docstring)
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,11 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # the crashed run had logged steps 3-4 after its checkpoint: the resumed log holds each step once
+    logged = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
 
 
 def test_grad_accum_matches_big_batch(tiny_model_dir, tmp_path):
@@ -107,3 +112,29 @@ def test_merge_equivalence(tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter_model(ids).logits, rtol=1e-4, atol=1e-4)
     assert not (run / "merged" / "adapter_config.json").exists()
+
+
+def test_reference_loss_equals_hf_loss_on_the_same_tokens(tiny_model_dir, tiny_model):
+    """Eval's teacher-forced loss is HF's causal-LM loss over all reference tokens, pooled."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data import tokenize_example
+    from tunelab.evaluate import reference_loss
+    from tunelab.tasks import get_task
+
+    cfg = load_config(overrides=[f"model={tiny_model_dir}", "task=gsm8k"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = get_task("gsm8k")(cfg.task).examples("test")[:5]
+    got = reference_loss(tiny_model.eval(), tok, examples, max_length=120, batch_size=2)
+    nll, n = 0.0, 0
+    for ex in examples:
+        t, _ = tokenize_example(ex, tok, 120, "truncate")
+        labels = torch.tensor([t.labels])
+        n_ex = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            out = tiny_model(input_ids=torch.tensor([t.input_ids]), labels=labels)
+        nll += float(out.loss) * n_ex
+        n += n_ex
+    assert got["reference_tokens"] == n and got["examples"] == 5
+    assert got["truncated"] > 0  # GSM8K answers do not fit in 120 tokens with their question
+    assert got["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)

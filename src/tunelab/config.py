@@ -149,6 +149,13 @@ class TrainConfig:
         factory=lambda: ["tensorboard"], help="Loggers besides metrics.jsonl: tensorboard, wandb, mlflow (or [])."
     )
     progress_bar: bool = opt(True, "Show a progress bar with loss and ETA.")
+    parallelism: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "How several processes (torchrun / --nproc / srun) share training: 'ddp' replicates the model "
+        "and all-reduces gradients; 'fsdp' shards parameters, gradients and optimizer state per "
+        "transformer block (PyTorch FSDP2 fully_shard), for models whose full fine-tuning does not fit "
+        "one device. Methods that cannot shard (RoSA, GaLore) say so at parse time. Ignored with one process.",
+    )
 
 
 @dataclass
@@ -163,6 +170,12 @@ class EvalConfig:
     no_repeat_ngram_size: int = opt(0, "Forbid repeating n-grams of this size (0 = off).")
     preset: Optional[str] = opt(
         None, "Task-specific generation preset (e.g. 'original' for the original project's settings)."
+    )
+    reference_loss: bool = opt(
+        True,
+        "Also score the references teacher-forced: mean negative log-likelihood per reference token "
+        "('ref_nll' in the metrics, lower is better). One forward pass per example, a small cost next "
+        "to generation, and far less noisy than accuracy when comparing short runs.",
     )
 
 
@@ -448,6 +461,13 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
             )
         if cfg.model.device == "cpu":
             p.append("model.load_in_4bit=true cannot run with model.device=cpu")
+    if t.parallelism == "fsdp":
+        reason = get_method(cfg.method.name).fsdp_unsupported_reason
+        if reason:
+            p.append(f"train.parallelism=fsdp cannot shard method={cfg.method.name}: {reason}. Use train.parallelism=ddp")
+        if cfg.model.load_in_4bit:
+            p.append("train.parallelism=fsdp does not shard 4-bit (bitsandbytes) weights: "
+                     "use train.parallelism=ddp for QLoRA, or model.load_in_4bit=false")
     p.extend(get_method(cfg.method.name).validate(cfg))
     p.extend(get_task(cfg.task.name).validate(cfg))
     return p

@@ -10,6 +10,7 @@ Writes ``<out>/eval/results.json`` and ``<out>/eval/predictions.jsonl``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from tunelab.config import ConfigError, EvalConfig, RunConfig, build_config, dee
 from tunelab.methods import get_method
 from tunelab.models import load_model, load_tokenizer, materialize, resolve_device
 from tunelab.tasks import Example, get_task
+from tunelab.data import IGNORE_INDEX, collate, tokenize_example
 from tunelab.utils import atomic_write_json, atomic_write_text, git_info, log, package_versions, peak_memory, reset_peak_memory
 
 
@@ -206,6 +208,10 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     gen_time = time.perf_counter() - t_gen
     completions = [task.trim_completion(c) for c in raw]
     scored = task.score(examples, completions)
+    ref_loss = None
+    if eval_cfg.reference_loss:
+        ref_loss = reference_loss(model, tokenizer, examples, cfg.data.max_length, eval_cfg.batch_size)
+        scored.metrics["ref_nll"] = ref_loss["nll_per_token"]
     eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -223,6 +229,7 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
         "metrics": scored.metrics,
         "primary_metric": task.primary_metric,
         "generation": {k: getattr(eval_cfg, k) for k in ("batch_size", "max_new_tokens", "num_beams", "no_repeat_ngram_size", "preset")},
+        "reference_loss": ref_loss,
         "generated_tokens": n_generated,
         "generation_time_s": gen_time,
         "generated_tokens_per_s": n_generated / max(gen_time, 1e-9),
@@ -236,6 +243,46 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scored.metrics.items())
     log.info(f"{shown} -> {eval_dir}")
     return results
+
+
+@torch.no_grad()
+def reference_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int) -> dict[str, Any]:
+    """Teacher-forced loss of the reference responses: the training objective on held-out data.
+
+    Each example is tokenized exactly as in training (prompt + response + EOS, loss on the response
+    tokens only, the end of an over-long response cut at ``max_length`` and counted), batched by
+    length, and the summed NLL is divided by the number of reference tokens (a per-token mean over
+    the whole set, as in training, not a mean of per-example means).
+    """
+    from tunelab.train import TargetPositionSelector, target_loss_sum  # train imports the trainer stack
+
+    tokenized, truncated, dropped = [], 0, 0
+    for ex in examples:
+        t, status = tokenize_example(ex, tokenizer, max_length, "truncate")
+        if t is None:
+            dropped += 1
+            continue
+        truncated += status == "truncated"
+        tokenized.append(t)
+    tokenized.sort(key=len)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    selector = TargetPositionSelector(model)
+    nll_sum, n_tokens = 0.0, 0
+    try:
+        for start in range(0, len(tokenized), max(1, batch_size)):
+            batch = collate(tokenized[start : start + batch_size], pad_id)
+            n_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            nll_sum += float(target_loss_sum(model, selector, batch))
+    finally:
+        selector.remove()
+    nll = nll_sum / max(n_tokens, 1)
+    if truncated or dropped:
+        log.warning(f"reference loss: {truncated} references cut at data.max_length={max_length}, "
+                    f"{dropped} examples left out (prompt too long); raise data.max_length to score them whole")
+    return {"nll_per_token": nll, "perplexity": math.exp(min(nll, 50.0)), "reference_tokens": n_tokens,
+            "examples": len(tokenized), "truncated": truncated, "dropped": dropped}
 
 
 def base_run_config(overrides: list[str]) -> RunConfig:

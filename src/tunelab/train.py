@@ -45,6 +45,7 @@ from tunelab.utils import (
     append_jsonl,
     atomic_replace_dir,
     atomic_write_json,
+    atomic_write_text,
     count_params,
     git_info,
     log,
@@ -87,6 +88,40 @@ def init_distributed(device_spec: str) -> tuple[int, int, torch.device]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """FSDP2: one shard group per transformer block, then the root (embeddings, final norm, head).
+
+    The blocks are the classes the model lists in ``_no_split_modules`` (transformers' own marker
+    of a block that must stay whole), so any HF causal LM, PEFT-wrapped or not, shards the way
+    torchtune and accelerate shard it. Each rank keeps 1/world of every parameter, gradient and
+    optimizer moment; a block's full weights exist only during its forward/backward. Gradients are
+    reduce-scattered as a mean over ranks, as DDP all-reduces them, so the loss scaling is shared.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    block_names: set[str] = set()
+    for module in model.modules():
+        block_names.update(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        log.warning("train.parallelism=fsdp: the model names no transformer blocks (_no_split_modules); "
+                    "sharding it as one unit, which gathers every weight at once")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    log.info(f"FSDP2: {len(blocks)} blocks ({', '.join(sorted(block_names))}) + root sharded over {world} processes")
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor gathered whole (a collective: every rank must call it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +197,25 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(run_dir: Path, method: Method, model: nn.Module, optimizer, scheduler,
+def gather_trainable(method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's trainable tensors, whole and on CPU (under FSDP a collective: call on every rank)."""
+    return {k: _full(v).detach().contiguous().cpu() for k, v in method.trainable_state_dict(unwrap(model)).items()}
+
+
+def gather_optimizer_state(model: nn.Module, optimizer, fsdp: bool) -> dict:
+    """The optimizer state as one process would hold it.
+
+    Under FSDP (every rank must call this) it is torch.distributed.checkpoint's full state dict,
+    keyed by parameter name and complete on rank 0, so it resumes onto any number of processes.
+    """
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim_state: dict, scheduler,
                     callbacks, state: TrainState, extra: dict, keep: int) -> Path:
     """Write a complete checkpoint atomically (temp folder + rename); prune old ones."""
     from safetensors.torch import save_file
@@ -172,9 +225,8 @@ def save_checkpoint(run_dir: Path, method: Method, model: nn.Module, optimizer, 
     final = root / f"step-{state.step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in method.trainable_state_dict(unwrap(model)).items()}
         save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(
             {
                 "scheduler": scheduler.state_dict(),
@@ -194,11 +246,32 @@ def save_checkpoint(run_dir: Path, method: Method, model: nn.Module, optimizer, 
     return final
 
 
-def load_checkpoint(ckpt: Path, method: Method, model: nn.Module, optimizer, scheduler, callbacks, device) -> dict:
+def load_checkpoint(ckpt: Path, method: Method, model: nn.Module, optimizer, scheduler, callbacks, device,
+                    parallelism: str) -> dict:
     from safetensors.torch import load_file
 
-    method.load_trainable_state_dict(unwrap(model), {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()})
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    info = json.loads((ckpt / "state.json").read_text())
+    saved_by = info.get("parallelism", "ddp")
+    if saved_by != parallelism:
+        raise ValueError(
+            f"{ckpt} was written with train.parallelism={saved_by} and this run uses {parallelism}: their optimizer "
+            f"states are laid out differently. Resume with train.parallelism={saved_by}."
+        )
+    tensors = {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
+    optim_state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    if parallelism == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        # every rank read the whole checkpoint; each keeps its own shard
+        params = dict(unwrap(model).named_parameters())
+        tensors = {k: distribute_tensor(v, params[k].device_mesh, params[k].placements)
+                   if isinstance(params.get(k), DTensor) else v for k, v in tensors.items()}
+        method.load_trainable_state_dict(unwrap(model), tensors)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        method.load_trainable_state_dict(unwrap(model), tensors)
+        optimizer.load_state_dict(optim_state)
     trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(trainer_state["scheduler"])
     for cb, sd in zip(callbacks, trainer_state["callbacks"]):
@@ -206,7 +279,7 @@ def load_checkpoint(ckpt: Path, method: Method, model: nn.Module, optimizer, sch
     torch.set_rng_state(trainer_state["rng_cpu"])
     if trainer_state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer_state["rng_cuda"])
-    return json.loads((ckpt / "state.json").read_text())
+    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +383,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         model.to(device)
     params = count_params(model)
     log.info(f"method={method.name}: {params['trainable_params']:,} trainable of {params['total_params']:,} parameters")
+    # FSDP shards before the optimizer exists: the optimizer must hold the sharded parameters.
+    fsdp = world > 1 and cfg.train.parallelism == "fsdp"
+    if fsdp:
+        model = shard_model(model, device, world)
 
     optimizer = method.build_optimizer(model, cfg.train)
     stream = MicroBatchStream(data, cfg.train.batch_size, cfg.seed, cfg.data.shuffle, cfg.data.group_by_length, rank, world)
@@ -322,13 +399,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     if resume:
         ckpts = checkpoint_dirs(run_dir)
         if ckpts:
-            info = load_checkpoint(ckpts[-1], method, model, optimizer, scheduler, callbacks, device)
+            info = load_checkpoint(ckpts[-1], method, model, optimizer, scheduler, callbacks, device,
+                                   "fsdp" if fsdp else "ddp")
             state.step = info["step"]
             log.info(f"resumed from {ckpts[-1]} at step {state.step}/{max_steps}")
+            if is_main:
+                _drop_metrics_after(run_dir / "metrics.jsonl", state.step)
         else:
             log.info(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from step 0")
 
-    if world > 1:
+    if world > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.ddp_find_unused_parameters,
@@ -340,6 +420,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             f"global batch = {cfg.train.batch_size} per device x {cfg.train.grad_accum} accumulation x "
             f"{world} processes = {cfg.train.batch_size * cfg.train.grad_accum * world} examples; "
             f"{max_steps} optimizer steps ({steps_per_epoch} per epoch)"
+            + (f"; {'FSDP2 (sharded)' if fsdp else 'DDP (replicated)'}" if world > 1 else "")
         )
     for cb in callbacks:
         cb.on_train_begin(state, unwrap(model), optimizer)
@@ -389,7 +470,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 state.micro_step = k
                 batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
                 sync = k == len(micro) - 1
-                ctx = model.no_sync() if (world > 1 and not sync) else _nullcontext()
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last only
+                ctx = model.no_sync() if (world > 1 and not fsdp and not sync) else _nullcontext()
                 with ctx:
                     loss_sum = target_loss_sum(model, selector, batch)
                     # DDP averages gradients over ranks: scale so the result is sum / global targets.
@@ -417,7 +500,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             if cfg.train.max_grad_norm > 0:
                 params_with_grad = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
                 if params_with_grad:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params_with_grad, cfg.train.max_grad_norm))
+                    grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params_with_grad, cfg.train.max_grad_norm)))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -443,7 +526,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 })
                 window_loss = window_tokens = 0.0
             if cfg.train.save_steps and state.step % cfg.train.save_steps == 0 and state.step < max_steps:
-                _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world)
+                _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp)
             if any(cb.should_stop(state) for cb in callbacks):
                 stopped_reason = "method_requested_stop"
                 break
@@ -458,7 +541,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         selector.remove()
 
     if stopped_reason == "diverged":
-        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world)
+        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp)
         loggers.close()
         raise TrainingDiverged(
             f"loss became {step_loss} at optimizer step {state.step + 1}: training stopped before that update. "
@@ -466,7 +549,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             f"train.warmup_steps or set train.max_grad_norm, then resume with `tunelab train --resume {run_dir}`."
         )
     if stopped_reason == "preempted":
-        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world)
+        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp)
         loggers.close()
         log.warning(f"preempted at step {state.step}: checkpoint {ckpt}; resume with `tunelab train --resume {run_dir}`")
         raise Preempted()
@@ -477,8 +560,17 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     # Collectives run on every rank (a collective called by rank 0 alone deadlocks the others).
     tokens_total = _all_reduce_sum(tokens_seen, device, world)
     target_tokens_total = _all_reduce_sum(target_tokens_seen, device, world)
+    final_model = unwrap(model)
+    if fsdp:
+        # Gather the trained tensors (every rank takes part), then rank 0 loads them into an
+        # unsharded copy of the prepared model, so save_artifact and extra_results see a plain model.
+        tensors = gather_trainable(method, model)
+        final_model = None
+        if is_main:
+            final_model = method.prepare(load_model(cfg.model, source, torch.device("cpu")), cfg)
+            method.load_trainable_state_dict(final_model, tensors)
+        del tensors
     if is_main:
-        final_model = unwrap(model)
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".artifact-"))
         method.save_artifact(final_model, tmp)
         atomic_replace_dir(tmp, run_dir / method.artifact_dir)
@@ -496,6 +588,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             "stopped": stopped_reason or "completed",
             "epochs_completed": state.step / steps_per_epoch,
             "world_size": world,
+            "parallelism": ("fsdp" if fsdp else "ddp") if world > 1 else None,
             "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world,
             **params,
             **peak_memory(device),
@@ -523,13 +616,28 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     return results
 
 
-def _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world):
+def _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp):
     path = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    if is_main or fsdp:  # under FSDP gathering the shards takes every rank
+        tensors = gather_trainable(method, model)
+        optim_state = gather_optimizer_state(model, optimizer, fsdp)
     if is_main:
-        path = save_checkpoint(run_dir, method, model, optimizer, scheduler, callbacks, state, {}, cfg.train.keep_checkpoints)
+        path = save_checkpoint(run_dir, tensors, optim_state, scheduler, callbacks, state,
+                               {"parallelism": "fsdp" if fsdp else "ddp"}, cfg.train.keep_checkpoints)
     if world > 1:
         dist.barrier()
     return path
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A run that died after its last checkpoint logged steps it will now redo: forget those lines."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        log.info(f"metrics.jsonl: dropped {len(lines) - len(kept)} lines logged after step {step} (they are redone)")
 
 
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:

@@ -89,6 +89,8 @@ class Method:
     #: passed to DistributedDataParallel: True when some trainable parameters get no gradient on
     #: some steps (e.g. RoSA's sparse values before the mask exists)
     ddp_find_unused_parameters: ClassVar[bool] = False
+    #: why the method cannot train under FSDP (train.parallelism=fsdp), or None when it can
+    fsdp_unsupported_reason: ClassVar[str | None] = None
     #: config keys that only matter while training (e.g. RoSA's mask_from path): a finished run
     #: is still evaluated/merged when the file they name is gone, since the artifact holds it
     training_only_keys: ClassVar[tuple[str, ...]] = ()

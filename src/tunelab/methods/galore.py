@@ -135,6 +135,10 @@ class GaloreMethod(FullMethod):
     name = "galore"
     config_cls = GaloreConfig
     artifact_dir = "model"
+    fsdp_unsupported_reason = (
+        "each projection is an SVD of a layer's whole gradient matrix, and FSDP keeps only a row shard "
+        "of it per process (gathering it would undo the sharding)"
+    )
 
     def __init__(self, config: MethodConfig):
         super().__init__(config)

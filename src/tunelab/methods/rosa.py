@@ -541,6 +541,10 @@ class RosaMethod(Method):
     training_only_keys = ("mask_from",)
     #: DistributedDataParallel must be built with find_unused_parameters=True (see the module docstring)
     ddp_find_unused_parameters = True
+    fsdp_unsupported_reason = (
+        "its masks are chosen from each layer's whole dense gradient and its sparse values are indexed "
+        "into whole weights, while FSDP keeps only a row shard of each per process"
+    )
 
     def __init__(self, config: RosaConfig):
         super().__init__(config)
