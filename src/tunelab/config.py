@@ -348,7 +348,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+def build_dataclass(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     """Build dataclass ``cls`` from ``raw`` (a dict), appending every problem found."""
     if raw is None:
         raw = {}
@@ -368,7 +368,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full, problems)
+            kwargs[key] = build_dataclass(tp, value, full, problems)
             continue
         coerced = _coerce(value, tp)
         if coerced is _NO:
@@ -391,7 +391,7 @@ def _build_polymorphic(
             f"(known: {', '.join(sorted(registry))})"
         )
         return None
-    return _build(registry[name], raw, path, problems)
+    return build_dataclass(registry[name], raw, path, problems)
 
 
 def build_config(raw: dict, check_env: bool = True) -> RunConfig:
@@ -400,7 +400,7 @@ def build_config(raw: dict, check_env: bool = True) -> RunConfig:
     problems: list[str] = []
     raw = dict(raw or {})
     method_raw, task_raw = raw.pop("method", None), raw.pop("task", None)
-    cfg = _build(RunConfig, raw, "", problems)
+    cfg = build_dataclass(RunConfig, raw, "", problems)
     method = _build_polymorphic(method_raw, "method", methods, "lora", problems)
     task = _build_polymorphic(task_raw, "task", tasks, "gsm8k", problems)
     if method is not None:
@@ -461,12 +461,13 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
             )
         if cfg.model.device == "cpu":
             p.append("model.load_in_4bit=true cannot run with model.device=cpu")
-    if t.parallelism == "fsdp":
+    if t.parallelism in ("fsdp", "deepspeed"):
         reason = get_method(cfg.method.name).fsdp_unsupported_reason
         if reason:
-            p.append(f"train.parallelism=fsdp cannot shard method={cfg.method.name}: {reason}. Use train.parallelism=ddp")
+            p.append(f"train.parallelism={t.parallelism} cannot shard method={cfg.method.name}: {reason}. "
+                     f"Use train.parallelism=ddp")
         if cfg.model.load_in_4bit:
-            p.append("train.parallelism=fsdp does not shard 4-bit (bitsandbytes) weights: "
+            p.append(f"train.parallelism={t.parallelism} does not shard 4-bit (bitsandbytes) weights: "
                      "use train.parallelism=ddp for QLoRA, or model.load_in_4bit=false")
     p.extend(get_method(cfg.method.name).validate(cfg))
     p.extend(get_task(cfg.task.name).validate(cfg))

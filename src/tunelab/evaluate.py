@@ -31,8 +31,11 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file()
 
 
-def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
-    """A run's saved config with command-line overrides applied on top."""
+def run_config(run_dir: Path, overrides: list[str] | None = None, check_env: bool = True) -> RunConfig:
+    """A run's saved config with command-line overrides applied on top.
+
+    ``check_env=False`` skips the checks that depend on this machine (see ``config.validate``).
+    """
     raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     over, problems = parse_overrides(overrides or [])
     if problems:
@@ -52,7 +55,7 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
             if isinstance(value, str) and not Path(value).exists():
                 log.info(f"{run_dir}: method.{key}={value} is gone; not needed for a finished run")
                 method_raw[key] = None
-    return build_config(raw)
+    return build_config(raw, check_env=check_env)
 
 
 def describe_dir(path: Path) -> str:

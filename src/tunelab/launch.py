@@ -307,7 +307,7 @@ def load_slurm_config(file: str | Path | None, items: dict[str, Any], kind: str 
 
     Raises ConfigError with every problem: unknown keys, wrong types and invalid values together.
     """
-    from tunelab.config import _build  # the typed builder of the run config: same coercion and messages
+    from tunelab.config import build_dataclass  # the run config's typed builder: same coercion and messages
 
     raw: dict[str, Any] = {}
     if file is not None:
@@ -331,7 +331,7 @@ def load_slurm_config(file: str | Path | None, items: dict[str, Any], kind: str 
                 and not isinstance(value, bool):
             raw[key] = str(value)
     problems: list[str] = []
-    cfg = _build(SlurmConfig, raw, "slurm", problems)
+    cfg = build_dataclass(SlurmConfig, raw, "slurm", problems)
     problems.extend(validate_slurm(cfg, kind))
     if problems:
         raise ConfigError(problems)
@@ -1119,9 +1119,10 @@ def cmd_submit(args) -> int:
                 run_dir = Path(ns.resume)
                 if not (run_dir / "config.yaml").is_file():
                     raise ConfigError([f"--resume {run_dir}: no config.yaml there"])
-                cfg = run_config(run_dir, [o for o in ns.overrides if not o.startswith("out=")])
+                cfg = run_config(run_dir, [o for o in ns.overrides if not o.startswith("out=")], check_env=False)
             else:
-                cfg = load_config(ns.config, ns.overrides)
+                # check_env=False: the login node that submits usually has no GPU; the job checks again
+                cfg = load_config(ns.config, ns.overrides, check_env=False)
         except ConfigError as exc:
             problems.extend(exc.problems)
         if cfg is not None and s is not None:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import itertools
 import json
 import os
@@ -293,13 +292,7 @@ def train_part(config: dict, kind: str = "train") -> dict[str, Any]:
 
 def _validate_point(raw: dict) -> RunConfig:
     """load_config without environment checks (a GPU sweep can be listed on a login node)."""
-    if _LOAD_CONFIG_CHECKS_ENV:
-        return load_config(base=raw, check_env=False)  # type: ignore[call-arg]
-    return load_config(base=raw)
-
-
-# tunelab.config may learn to skip environment checks (CUDA present?) at parse time; use it then.
-_LOAD_CONFIG_CHECKS_ENV = "check_env" in inspect.signature(load_config).parameters
+    return load_config(base=raw, check_env=False)
 
 
 def _describe(over: dict) -> str:
