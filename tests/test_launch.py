@@ -480,14 +480,101 @@ def test_fsdp_two_ranks_lora_equals_one_process(tiny_model_dir, tmp_path, quiet_
     assert diff / size < 2e-5, f"FSDP adapter differs from the 1-process adapter: relative {diff / size:.2e}"
 
 
+def test_deepspeed_zero3_two_ranks_resumed_equals_one_process(tiny_model_dir, tmp_path, quiet_env):
+    """train.parallelism=deepspeed with a user's ZeRO-3 file: 2 gloo ranks, checkpoint, crash, resume = 1 process.
+
+    The engine writes its own partitioned optimizer state inside tunelab's checkpoint folder and
+    restores it on --resume; the final model is gathered from the ZeRO-3 partitions.
+    """
+    pytest.importorskip("deepspeed", reason="pip install 'tunelab[deepspeed]' (the dev setup installs it)")
+    from tunelab.config import load_config
+    from tunelab.train import train
+
+    ds_file = tmp_path / "zero3.json"
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                   "bf16": {"enabled": "auto"}}))
+    common = ["method=full", "data.limit=16", "data.shuffle=false", "data.group_by_length=false",
+              "train.max_steps=4", "model.device=cpu", "train.lr=1e-3"]
+    run, log = tmp_path / "ds", tmp_path / "ds.log"
+    cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *_tiny(tiny_model_dir, run, *common,
+           "train.parallelism=deepspeed", f"train.deepspeed_config={ds_file}", "train.batch_size=1",
+           "train.grad_accum=2", "train.save_steps=2")]
+    assert _run_group(cmd, log, timeout=300, marker=str(run)) == 0, log.read_text()[-3000:]
+    assert "ZeRO stage 3" in log.read_text()
+    uninterrupted = load_file(str(run / "model" / "model.safetensors"))
+    ckpt = run / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in (ckpt / "deepspeed" / "state").iterdir()) == [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    for name in ("model", "results.json", "tokenizer"):
+        p = run / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    rc = _run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(run)], log,
+                    timeout=300, marker=str(run))
+    assert rc == 0, log.read_text()[-3000:]
+    assert json.loads((run / "results.json").read_text())["parallelism"] == "deepspeed"
+    resumed = load_file(str(run / "model" / "model.safetensors"))
+
+    one = tmp_path / "one"
+    train(load_config(overrides=_tiny(tiny_model_dir, one, *common, "train.batch_size=4")))
+    single = load_file(str(one / "model" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max(float((single[k] - base[k]).abs().max()) for k in single) > 1e-3  # it trained
+    for k in single:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=1e-6, msg=f"{k}: resume is not exact")
+        torch.testing.assert_close(resumed[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from 1 process")
+
+
+def test_deepspeed_one_process_lora_equals_plain_and_leaves_no_process_group(tiny_model_dir, tmp_path, quiet_env):
+    """One process under DeepSpeed (ZeRO-2 by default): same adapter as without it; the group it needed is gone."""
+    pytest.importorskip("deepspeed", reason="pip install 'tunelab[deepspeed]' (the dev setup installs it)")
+    import torch.distributed as dist
+
+    from tunelab.config import load_config
+    from tunelab.train import train
+
+    common = ["method.dropout=0", "data.limit=8", "train.max_steps=3", "model.device=cpu", "train.lr=1e-2",
+              "train.batch_size=2", "train.grad_accum=2"]
+    res = train(load_config(overrides=_tiny(tiny_model_dir, tmp_path / "ds", *common, "train.parallelism=deepspeed")))
+    assert res["parallelism"] == "deepspeed" and res["world_size"] == 1
+    assert not dist.is_initialized() and "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+    train(load_config(overrides=_tiny(tiny_model_dir, tmp_path / "plain", *common)))
+    a = load_file(str(tmp_path / "ds" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k) > 1e-2
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_deepspeed_config_conflicts_are_reported_together(tiny_model_dir, tmp_path):
+    from tunelab.config import ConfigError, load_config
+
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": "auto",
+                               "train_batch_size": 64, "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"model={tiny_model_dir}", "train.parallelism=deepspeed", "train.batch_size=4",
+                               f"train.deepspeed_config={bad}"], check_env=False)
+    text = str(err.value)
+    assert "train_micro_batch_size_per_gpu=16 but train.batch_size=4" in text
+    assert "train_batch_size: leave it out" in text and "remove its 'optimizer' section" in text
+    assert "gradient_accumulation_steps" not in text  # "auto" takes train.grad_accum
+    with pytest.raises(ConfigError, match="set train.parallelism=deepspeed to use it"):
+        load_config(overrides=[f"model={tiny_model_dir}", f"train.deepspeed_config={bad}"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(overrides=[f"model={tiny_model_dir}", "train.parallelism=deepspeed",
+                               f"train.deepspeed_config={tmp_path / 'missing.json'}"], check_env=False)
+
+
 def test_fsdp_refuses_methods_that_cannot_shard(tiny_model_dir):
     from tunelab.config import ConfigError, load_config
 
     for method in ("rosa", "galore"):
-        with pytest.raises(ConfigError) as err:
-            load_config(overrides=[f"model={tiny_model_dir}", f"method={method}", "train.parallelism=fsdp"])
-        assert f"train.parallelism=fsdp cannot shard method={method}" in str(err.value)
-        assert "Use train.parallelism=ddp" in str(err.value)
+        for parallelism in ("fsdp", "deepspeed"):
+            with pytest.raises(ConfigError) as err:
+                load_config(overrides=[f"model={tiny_model_dir}", f"method={method}", f"train.parallelism={parallelism}"],
+                            check_env=False)
+            assert f"train.parallelism={parallelism} cannot shard method={method}" in str(err.value)
+            assert "Use train.parallelism=ddp" in str(err.value)
     for method in ("full", "lora"):  # these shard
         assert load_config(overrides=[f"model={tiny_model_dir}", f"method={method}", "train.parallelism=fsdp"])
 

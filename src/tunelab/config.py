@@ -149,12 +149,20 @@ class TrainConfig:
         factory=lambda: ["tensorboard"], help="Loggers besides metrics.jsonl: tensorboard, wandb, mlflow (or [])."
     )
     progress_bar: bool = opt(True, "Show a progress bar with loss and ETA.")
-    parallelism: Literal["ddp", "fsdp"] = opt(
+    parallelism: Literal["ddp", "fsdp", "deepspeed"] = opt(
         "ddp",
-        "How several processes (torchrun / --nproc / srun) share training: 'ddp' replicates the model "
-        "and all-reduces gradients; 'fsdp' shards parameters, gradients and optimizer state per "
-        "transformer block (PyTorch FSDP2 fully_shard), for models whose full fine-tuning does not fit "
-        "one device. Methods that cannot shard (RoSA, GaLore) say so at parse time. Ignored with one process.",
+        "How processes (torchrun / --nproc / srun) share training: 'ddp' replicates the model and "
+        "all-reduces gradients; 'fsdp' shards parameters, gradients and optimizer state per transformer "
+        "block (PyTorch FSDP2 fully_shard), for models whose full fine-tuning does not fit one device; "
+        "'deepspeed' hands the model and the method's optimizer to a DeepSpeed engine configured by "
+        "train.deepspeed_config (ZeRO stages, offload; also with one process). Methods that cannot "
+        "shard (RoSA, GaLore) say so at parse time. ddp and fsdp are ignored with one process.",
+    )
+    deepspeed_config: Optional[str] = opt(
+        None,
+        "DeepSpeed JSON config for train.parallelism=deepspeed (null = ZeRO stage 2). Batch size, "
+        "accumulation and clipping come from this train section: leave them out of the file, set them "
+        "to \"auto\", or give the same values.",
     )
 
 
@@ -469,6 +477,22 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
         if cfg.model.load_in_4bit:
             p.append(f"train.parallelism={t.parallelism} does not shard 4-bit (bitsandbytes) weights: "
                      "use train.parallelism=ddp for QLoRA, or model.load_in_4bit=false")
+    if t.deepspeed_config is not None and t.parallelism != "deepspeed":
+        p.append(f"train.deepspeed_config is set but train.parallelism={t.parallelism}: "
+                 "set train.parallelism=deepspeed to use it (or drop train.deepspeed_config)")
+    if t.parallelism == "deepspeed":
+        import importlib.util
+
+        if check_env and importlib.util.find_spec("deepspeed") is None:
+            p.append("train.parallelism=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
+                     "(or use train.parallelism=fsdp, PyTorch's own sharding)")
+        if t.deepspeed_config is not None:
+            from tunelab.train import deepspeed_settings
+
+            try:
+                deepspeed_settings(t)
+            except ValueError as exc:
+                p.append(str(exc))
     p.extend(get_method(cfg.method.name).validate(cfg))
     p.extend(get_task(cfg.task.name).validate(cfg))
     return p

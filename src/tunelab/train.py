@@ -20,6 +20,7 @@ Details that matter for correct numbers and speed:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,8 +87,113 @@ def init_distributed(device_spec: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+@contextlib.contextmanager
+def one_process_group(needed: bool):
+    """A process group of one on loopback for the length of a run, when ``needed`` and none exists.
+
+    DeepSpeed's engine needs a process group even on one device (ZeRO-Offload on one GPU is a
+    common use); torchrun/srun-launched runs already have one. Afterwards the group is destroyed and
+    the environment restored, so a later run in the same process (a test, a notebook) starts clean.
+    """
+    if not needed or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())})
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_deepspeed_engine(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, nn.parallel.DistributedDataParallel) or is_deepspeed_engine(model):
+        return model.module
+    return model
+
+
+def deepspeed_settings(train_cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config: the user's file (or ZeRO stage 2) with batch, accumulation and clipping from train.*.
+
+    One source of truth for the numbers that shape training, as HF's "auto" values do: a file that
+    repeats them must agree. The method builds the optimizer and tunelab the lr schedule, so the
+    file's own ``optimizer``/``scheduler`` sections are refused rather than silently ignored.
+    Raises ValueError naming every conflict.
+    """
+    where = "train.deepspeed_config"
+    if train_cfg.deepspeed_config is None:
+        ds: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+    else:
+        path = Path(train_cfg.deepspeed_config)
+        where = f"train.deepspeed_config {path}"
+        if not path.is_file():
+            raise ValueError(f"{where} does not exist")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{where} must hold a JSON object")
+    problems = []
+    ours = {"train_micro_batch_size_per_gpu": (train_cfg.batch_size, "train.batch_size"),
+            "gradient_accumulation_steps": (train_cfg.grad_accum, "train.grad_accum"),
+            "gradient_clipping": (train_cfg.max_grad_norm, "train.max_grad_norm")}
+    for key, (value, ours_key) in ours.items():
+        theirs = ds.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            problems.append(f"{key}={theirs} but {ours_key}={value} (set one of them so they agree, or \"auto\")")
+        ds[key] = value
+    if ds.get("train_batch_size", "auto") != "auto":
+        problems.append("train_batch_size: leave it out or \"auto\"; it is train.batch_size x train.grad_accum x processes")
+    ds.pop("train_batch_size", None)
+    for section, fix in (("optimizer", "the method builds the optimizer (train.lr, train.adam_*, train.weight_decay)"),
+                         ("scheduler", "tunelab runs the lr schedule (train.lr_scheduler, train.warmup_*)")):
+        if section in ds:
+            problems.append(f"remove its '{section}' section: {fix}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW is a "client" optimizer to DeepSpeed
+    ds.setdefault("steps_per_print", 2**31 - 1)  # tunelab logs every step itself
+    return ds
+
+
+def wrap_deepspeed(model: nn.Module, optimizer, scheduler, train_cfg: TrainConfig):
+    """Hand the prepared model, the method's optimizer and our lr schedule to a DeepSpeed engine.
+
+    The engine then owns gradient reduction, ZeRO partitioning, clipping, the optimizer step and
+    the schedule's step (at accumulation boundaries). bf16/fp16 "auto" follow the model's dtype.
+    """
+    import deepspeed
+
+    ds = deepspeed_settings(train_cfg)
+    dtype = next(model.parameters()).dtype
+    for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = dtype == wanted
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    log.info(f"DeepSpeed {deepspeed.__version__}: ZeRO stage {engine.zero_optimization_stage()}, "
+             f"{type(optimizer).__name__}")
+    return engine, optimizer, scheduler
 
 
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
@@ -198,7 +304,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def gather_trainable(method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The method's trainable tensors, whole and on CPU (under FSDP a collective: call on every rank)."""
+    """The method's trainable tensors, whole and on CPU (under FSDP or ZeRO-3 a collective: call on every rank)."""
+    if is_deepspeed_engine(model) and model.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=None):
+            return {k: v.detach().contiguous().cpu().clone() for k, v in method.trainable_state_dict(model.module).items()}
     return {k: _full(v).detach().contiguous().cpu() for k, v in method.trainable_state_dict(unwrap(model)).items()}
 
 
@@ -215,18 +326,22 @@ def gather_optimizer_state(model: nn.Module, optimizer, fsdp: bool) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim_state: dict, scheduler,
-                    callbacks, state: TrainState, extra: dict, keep: int) -> Path:
-    """Write a complete checkpoint atomically (temp folder + rename); prune old ones."""
+def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim_state: dict | None, scheduler,
+                    callbacks, state: TrainState, extra: dict, keep: int, tmp: Path | None = None) -> Path:
+    """Write a complete checkpoint atomically (temp folder + rename); prune old ones.
+
+    ``optim_state`` None: the optimizer state is already in ``tmp`` (DeepSpeed wrote it there).
+    """
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    tmp = tmp or Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(
             {
                 "scheduler": scheduler.state_dict(),
@@ -257,9 +372,17 @@ def load_checkpoint(ckpt: Path, method: Method, model: nn.Module, optimizer, sch
             f"{ckpt} was written with train.parallelism={saved_by} and this run uses {parallelism}: their optimizer "
             f"states are laid out differently. Resume with train.parallelism={saved_by}."
         )
-    tensors = {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
-    optim_state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    if parallelism == "fsdp":
+    if parallelism == "deepspeed":
+        # the engine restores weights, optimizer (its ZeRO partitions) and lr schedule from its own files
+        model.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
+                              load_lr_scheduler_states=True)
+        tensors, optim_state = {}, None
+    else:
+        tensors = {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
+        optim_state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    if parallelism == "deepspeed":
+        pass
+    elif parallelism == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -339,7 +462,7 @@ class MetricLoggers:
 
 
 def _all_reduce_sum(value: float, device: torch.device, world: int) -> float:
-    if world <= 1:
+    if world <= 1 or not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -352,7 +475,13 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train one run; returns results.json's content. The run directory is ``cfg.out``."""
+    with one_process_group(cfg.train.parallelism == "deepspeed"):
+        return _train(cfg, resume)
+
+
+def _train(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     t_start = time.time()
+    use_deepspeed = cfg.train.parallelism == "deepspeed"
     rank, world, device = init_distributed(cfg.model.device)
     is_main = rank == 0
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -396,11 +525,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     callbacks = method.callbacks()
     state = TrainState(step=0, max_steps=max_steps, grad_accum=cfg.train.grad_accum, world_size=world, rank=rank, run_dir=run_dir)
 
+    if use_deepspeed:
+        model, optimizer, scheduler = wrap_deepspeed(model, optimizer, scheduler, cfg.train)
+    parallelism = "deepspeed" if use_deepspeed else "fsdp" if fsdp else "ddp"
+
     if resume:
         ckpts = checkpoint_dirs(run_dir)
         if ckpts:
-            info = load_checkpoint(ckpts[-1], method, model, optimizer, scheduler, callbacks, device,
-                                   "fsdp" if fsdp else "ddp")
+            info = load_checkpoint(ckpts[-1], method, model, optimizer, scheduler, callbacks, device, parallelism)
             state.step = info["step"]
             log.info(f"resumed from {ckpts[-1]} at step {state.step}/{max_steps}")
             if is_main:
@@ -408,7 +540,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         else:
             log.info(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from step 0")
 
-    if world > 1 and not fsdp:
+    if world > 1 and parallelism == "ddp":
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.ddp_find_unused_parameters,
@@ -420,7 +552,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             f"global batch = {cfg.train.batch_size} per device x {cfg.train.grad_accum} accumulation x "
             f"{world} processes = {cfg.train.batch_size * cfg.train.grad_accum * world} examples; "
             f"{max_steps} optimizer steps ({steps_per_epoch} per epoch)"
-            + (f"; {'FSDP2 (sharded)' if fsdp else 'DDP (replicated)'}" if world > 1 else "")
+            + {"deepspeed": "; DeepSpeed", "fsdp": "; FSDP2 (sharded)", "ddp": "; DDP (replicated)"}[parallelism]
+            * (world > 1 or use_deepspeed)
         )
     for cb in callbacks:
         cb.on_train_begin(state, unwrap(model), optimizer)
@@ -472,12 +605,20 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 sync = k == len(micro) - 1
                 if fsdp:
                     model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last only
-                ctx = model.no_sync() if (world > 1 and not fsdp and not sync) else _nullcontext()
+                ctx = model.no_sync() if (world > 1 and parallelism == "ddp" and not sync) else _nullcontext()
                 with ctx:
                     loss_sum = target_loss_sum(model, selector, batch)
                     # DDP averages gradients over ranks: scale so the result is sum / global targets.
+                    scaled = loss_sum * (world / max(global_targets, 1.0))
                     try:
-                        (loss_sum * (world / max(global_targets, 1.0))).backward()
+                        if use_deepspeed:
+                            # the engine reduces (and ZeRO-partitions) gradients on the boundary micro-batch,
+                            # which it counts through step(): call it after every micro-batch but the last
+                            model.backward(scaled, scale_wrt_gas=False)
+                            if not sync:
+                                model.step()
+                        else:
+                            scaled.backward()
                     except FloatingPointError as exc:  # raised by methods that step inside backward
                         ckpts = checkpoint_dirs(run_dir)
                         raise TrainingDiverged(
@@ -497,13 +638,18 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             for cb in callbacks:
                 cb.on_before_optimizer_step(state, unwrap(model), optimizer)
             grad_norm = None
-            if cfg.train.max_grad_norm > 0:
-                params_with_grad = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                if params_with_grad:
-                    grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params_with_grad, cfg.train.max_grad_norm)))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if use_deepspeed:
+                model.step()  # boundary: clip (train.max_grad_norm), optimizer step, lr step, zero grads
+                norm = model.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None and cfg.train.max_grad_norm > 0 else None
+            else:
+                if cfg.train.max_grad_norm > 0:
+                    params_with_grad = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                    if params_with_grad:
+                        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params_with_grad, cfg.train.max_grad_norm)))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             state.step += 1
             for cb in callbacks:
                 cb.on_step_end(state, unwrap(model), optimizer)
@@ -526,7 +672,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 })
                 window_loss = window_tokens = 0.0
             if cfg.train.save_steps and state.step % cfg.train.save_steps == 0 and state.step < max_steps:
-                _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp)
+                _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, parallelism)
             if any(cb.should_stop(state) for cb in callbacks):
                 stopped_reason = "method_requested_stop"
                 break
@@ -541,7 +687,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         selector.remove()
 
     if stopped_reason == "diverged":
-        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp)
+        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, parallelism)
         loggers.close()
         raise TrainingDiverged(
             f"loss became {step_loss} at optimizer step {state.step + 1}: training stopped before that update. "
@@ -549,7 +695,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             f"train.warmup_steps or set train.max_grad_norm, then resume with `tunelab train --resume {run_dir}`."
         )
     if stopped_reason == "preempted":
-        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp)
+        ckpt = _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, parallelism)
         loggers.close()
         log.warning(f"preempted at step {state.step}: checkpoint {ckpt}; resume with `tunelab train --resume {run_dir}`")
         raise Preempted()
@@ -561,7 +707,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     tokens_total = _all_reduce_sum(tokens_seen, device, world)
     target_tokens_total = _all_reduce_sum(target_tokens_seen, device, world)
     final_model = unwrap(model)
-    if fsdp:
+    if parallelism in ("fsdp", "deepspeed"):
         # Gather the trained tensors (every rank takes part), then rank 0 loads them into an
         # unsharded copy of the prepared model, so save_artifact and extra_results see a plain model.
         tensors = gather_trainable(method, model)
@@ -588,7 +734,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             "stopped": stopped_reason or "completed",
             "epochs_completed": state.step / steps_per_epoch,
             "world_size": world,
-            "parallelism": ("fsdp" if fsdp else "ddp") if world > 1 else None,
+            "parallelism": parallelism if (world > 1 or use_deepspeed) else None,
             "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world,
             **params,
             **peak_memory(device),
@@ -616,14 +762,25 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     return results
 
 
-def _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, fsdp):
+def _save(run_dir, method, model, optimizer, scheduler, callbacks, state, cfg, is_main, world, parallelism):
     path = run_dir / "checkpoints" / f"step-{state.step:06d}"
-    if is_main or fsdp:  # under FSDP gathering the shards takes every rank
+    tmp = None
+    if parallelism == "deepspeed":
+        # every rank writes its ZeRO partition into one folder: its name must be known to all
+        tmp = run_dir / "checkpoints" / f".tmp-step-{state.step:06d}"
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        dist.barrier()
+        tensors, optim_state = gather_trainable(method, model), None
+    elif is_main or parallelism == "fsdp":  # under FSDP gathering the shards takes every rank
         tensors = gather_trainable(method, model)
-        optim_state = gather_optimizer_state(model, optimizer, fsdp)
+        optim_state = gather_optimizer_state(model, optimizer, parallelism == "fsdp")
     if is_main:
         path = save_checkpoint(run_dir, tensors, optim_state, scheduler, callbacks, state,
-                               {"parallelism": "fsdp" if fsdp else "ddp"}, cfg.train.keep_checkpoints)
+                               {"parallelism": parallelism}, cfg.train.keep_checkpoints, tmp=tmp)
     if world > 1:
         dist.barrier()
     return path
