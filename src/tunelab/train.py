@@ -88,7 +88,7 @@ def init_distributed(device_spec: str) -> tuple[int, int, torch.device]:
 
 
 @contextlib.contextmanager
-def one_process_group(needed: bool):
+def one_process_group(needed: bool, device_spec: str = "auto"):
     """A process group of one on loopback for the length of a run, when ``needed`` and none exists.
 
     DeepSpeed's engine needs a process group even on one device (ZeRO-Offload on one GPU is a
@@ -102,7 +102,7 @@ def one_process_group(needed: bool):
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())})
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() and device_spec != "cpu" else "gloo")
     try:
         yield
     finally:
@@ -475,7 +475,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train one run; returns results.json's content. The run directory is ``cfg.out``."""
-    with one_process_group(cfg.train.parallelism == "deepspeed"):
+    with one_process_group(cfg.train.parallelism == "deepspeed", cfg.model.device):
         return _train(cfg, resume)
 
 
