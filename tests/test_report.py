@@ -221,3 +221,65 @@ def test_report_cli(study, tmp_path, capsys):
     empty.mkdir()
     assert main(["report", str(empty), "--out", str(out)]) == 1
     assert "no run directories (folders with config.yaml)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# tunelab compare: paired differences between two evaluations
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_run(root: Path, name: str, task: str, rows: list[dict]) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "results.json").write_text(json.dumps({"schema_version": 1, "kind": "eval", "task": task,
+                                                           "split": "test", "metrics": {}}))
+    (run / "eval" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_compare_pairs_examples_by_id_and_reports_the_paired_difference(tmp_path, capsys):
+    from tunelab.cli import main
+    from tunelab.report import compare_evals
+
+    # A right on 10 of 40, B on the same 10 plus 6 more: +0.15; id 'x' only in B is left out
+    a = _eval_run(tmp_path, "a", "gsm8k", [{"id": str(i), "correct": i < 10, "correct_flexible": i < 20}
+                                            for i in range(40)])
+    b = _eval_run(tmp_path, "b", "gsm8k", [{"id": str(i), "correct": i < 16, "correct_flexible": i < 20}
+                                            for i in reversed(range(40))] + [{"id": "x", "correct": True,
+                                                                               "correct_flexible": True}])
+    cmp = compare_evals(a, b, n_resamples=500, seed=1)
+    assert cmp["examples"] == 40 and cmp["only_in_b"] == 1 and cmp["only_in_a"] == 0
+    strict = cmp["metrics"]["accuracy_strict"]
+    assert strict["a"] == pytest.approx(0.25) and strict["b"] == pytest.approx(0.40)
+    assert strict["b_minus_a"] == pytest.approx(0.15)
+    # every paired difference is >= 0, so no resample has B worse; the CI lies inside [0, 0.15 * 2]
+    assert 0.0 < strict["ci95"][0] < 0.15 < strict["ci95"][1] <= 0.3
+    assert strict["p_b_not_better"] == 0.0
+    flexible = cmp["metrics"]["accuracy_flexible"]
+    assert flexible["b_minus_a"] == 0.0 and flexible["ci95"] == [0.0, 0.0] and flexible["p_b_not_better"] == 1.0
+
+    out_json = tmp_path / "cmp.json"
+    assert main(["compare", str(a), str(b), "--metric", "accuracy_strict", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "| accuracy_strict | 0.2500 | 0.4000 | +0.1500 |" in text and "left out: 0 examples only in A, 1 only in B" in text
+    assert json.loads(out_json.read_text())["metrics"].keys() == {"accuracy_strict"}
+
+
+def test_compare_refuses_what_does_not_pair(tmp_path):
+    from tunelab.report import compare_evals
+
+    g = _eval_run(tmp_path, "g", "gsm8k", [{"id": "1", "correct": True, "correct_flexible": True}])
+    other_ids = _eval_run(tmp_path, "o", "gsm8k", [{"id": "2", "correct": True, "correct_flexible": True}])
+    news = _eval_run(tmp_path, "n", "news_summary", [{"id": "1", "rougeL": 0.3}])
+    with pytest.raises(ValueError, match="evaluated task 'gsm8k'.*task 'news_summary'"):
+        compare_evals(g, news)
+    with pytest.raises(ValueError, match="share no example ids"):
+        compare_evals(g, other_ids)
+    with pytest.raises(ValueError, match=r"no per-example values of rouge1 for task gsm8k \(comparable: accuracy_strict"):
+        compare_evals(g, g, ["rouge1"])
+    with pytest.raises(ValueError, match="run `tunelab eval"):
+        compare_evals(g, tmp_path / "nothing")
+    # a metric whose per-example field is absent (BERTScore switched off) is skipped, and says so
+    cmp = compare_evals(news, news, ["rougeL", "bertscore_f1"])
+    assert cmp["metrics"]["rougeL"]["b_minus_a"] == 0.0
+    assert "bertscore_f1" in cmp["skipped"] and "missing from 2 predictions" in cmp["skipped"]["bertscore_f1"]

@@ -33,7 +33,7 @@ import yaml
 
 from tunelab.sweep import NON_RESULT_KEYS, flat_config
 
-__all__ = ["RunRecord", "Row", "collect_runs", "build_rows", "write_report", "add_cli"]
+__all__ = ["RunRecord", "Row", "collect_runs", "build_rows", "write_report", "compare_evals", "add_cli"]
 
 SCHEMA_VERSION = 1
 #: Fields of a train results.json the report reads (schema 1 names).
@@ -955,6 +955,89 @@ def write_report(roots: list[Path], out_dir: Path, metric_overrides: Optional[di
 
 
 # --------------------------------------------------------------------------------------------
+# Paired comparison of two evaluations
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_dir(path: Path) -> Path:
+    """A run directory's eval/ folder, or the eval folder itself."""
+    for cand in (path / "eval", path):
+        if (cand / "predictions.jsonl").is_file() and (cand / "results.json").is_file():
+            return cand
+    raise ValueError(f"{path} holds no evaluation (eval/predictions.jsonl + eval/results.json): "
+                     f"run `tunelab eval {path}` first")
+
+
+def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resamples: int = 1000,
+                  seed: int = 0) -> dict[str, Any]:
+    """B − A per metric on the examples both evaluated, with a paired bootstrap CI.
+
+    Pairing (the same resampled examples for both) removes the between-question variance that
+    dominates small eval sets, so a difference can be significant even where the two unpaired
+    intervals overlap. ``p_b_not_better`` is the share of resamples where B does not beat A.
+    """
+    from tunelab.metrics import paired_bootstrap
+    from tunelab.tasks import get_task
+
+    dirs = [_eval_dir(Path(a)), _eval_dir(Path(b))]
+    results = [json.loads((d / "results.json").read_text()) for d in dirs]
+    tasks = [r.get("task") for r in results]
+    if tasks[0] != tasks[1]:
+        raise ValueError(f"{dirs[0]} evaluated task {tasks[0]!r} and {dirs[1]} task {tasks[1]!r}: "
+                         f"only evaluations of one task compare")
+    if results[0].get("split") != results[1].get("split"):
+        raise ValueError(f"the two evaluations used different splits ({results[0].get('split')} vs {results[1].get('split')})")
+    fields = get_task(tasks[0]).example_metrics
+    wanted = metrics or list(fields)
+    unknown = [m for m in wanted if m not in fields]
+    if unknown:
+        raise ValueError(f"no per-example values of {', '.join(unknown)} for task {tasks[0]} "
+                         f"(comparable: {', '.join(fields)})")
+    preds = []
+    for d in dirs:
+        rows = {}
+        for line in (d / "predictions.jsonl").read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[str(row["id"])] = row
+        preds.append(rows)
+    common = [i for i in preds[0] if i in preds[1]]
+    if not common:
+        raise ValueError(f"{dirs[0]} and {dirs[1]} share no example ids: they evaluated different examples")
+    out: dict[str, Any] = {"task": tasks[0], "a": str(dirs[0].parent if dirs[0].name == "eval" else dirs[0]),
+                           "b": str(dirs[1].parent if dirs[1].name == "eval" else dirs[1]),
+                           "examples": len(common), "only_in_a": len(preds[0]) - len(common),
+                           "only_in_b": len(preds[1]) - len(common), "n_resamples": n_resamples, "seed": seed,
+                           "metrics": {}, "skipped": {}}
+    for metric in wanted:
+        field_name = fields[metric]
+        missing = sum(1 for i in common for p in preds if not isinstance(p[i].get(field_name), (int, float)))
+        if missing:
+            out["skipped"][metric] = f"'{field_name}' is missing from {missing} predictions"
+            continue
+        va = [float(preds[0][i][field_name]) for i in common]
+        vb = [float(preds[1][i][field_name]) for i in common]
+        diff = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
+        out["metrics"][metric] = {"a": sum(va) / len(va), "b": sum(vb) / len(vb), "b_minus_a": diff["mean_diff"],
+                                  "ci95": list(diff["ci"]), "p_b_not_better": diff["p_not_better"]}
+    return out
+
+
+def format_comparison(cmp: dict[str, Any]) -> str:
+    lines = [f"{cmp['task']}: B = {cmp['b']}  vs  A = {cmp['a']}",
+             f"{cmp['examples']} examples evaluated by both (paired bootstrap, {cmp['n_resamples']} resamples, seed {cmp['seed']})"]
+    if cmp["only_in_a"] or cmp["only_in_b"]:
+        lines.append(f"left out: {cmp['only_in_a']} examples only in A, {cmp['only_in_b']} only in B")
+    header = ["metric", "A", "B", "B − A", "95% CI", "P(B not better)"]
+    cells = [[m, f"{v['a']:.4f}", f"{v['b']:.4f}", f"{v['b_minus_a']:+.4f}",
+              f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]", f"{v['p_b_not_better']:.3f}"]
+             for m, v in cmp["metrics"].items()]
+    lines.append(markdown_table(header, cells))
+    lines += [f"{m}: not compared, {why}" for m, why in cmp["skipped"].items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -977,7 +1060,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    cmp = compare_evals(Path(args.a), Path(args.b), args.metric, args.resamples, args.seed)
+    print(format_comparison(cmp))
+    if args.json:
+        from tunelab.utils import atomic_write_json
+
+        atomic_write_json(Path(args.json), cmp)
+    return 0
+
+
 def add_cli(sub) -> None:
+    c = sub.add_parser(
+        "compare", help="B vs A example by example: each metric's difference with a paired bootstrap CI",
+        description="Compare two evaluations of the same task (run directories with eval/, or eval folders) on "
+        "the examples both evaluated: per metric, the means, B − A, its 95%% paired-bootstrap interval and the "
+        "share of resamples where B does not beat A.",
+    )
+    c.add_argument("a", metavar="A", help="the reference run (e.g. the base model or LoRA)")
+    c.add_argument("b", metavar="B", help="the run compared with it")
+    c.add_argument("--metric", action="append", help="compare only this metric (repeatable); default: all")
+    c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    c.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    c.set_defaults(handler=cmd_compare)
     p = sub.add_parser(
         "report", help="tables and figures from run directories -> REPORT/report.md, report.html, results.csv",
         description="Read run directories (config.yaml, results.json, eval/results.json; BASE marks a baseline) "

@@ -46,6 +46,9 @@ class Task:
     data_subdir: ClassVar[str | None] = None
     #: the metric reported first in tables (a key of score().metrics)
     primary_metric: ClassVar[str] = "accuracy"
+    #: corpus metric -> the per-example field of predictions.jsonl whose mean it is (bools count as
+    #: 0/1), so two runs can be compared example by example (`tunelab compare`)
+    example_metrics: ClassVar[dict[str, str]] = {"accuracy": "correct"}
 
     def __init__(self, config: "TaskConfig"):
         self.config = config

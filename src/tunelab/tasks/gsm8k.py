@@ -83,6 +83,7 @@ class Gsm8kTask(Task):
     config_cls = Gsm8kConfig
     data_subdir = "gsm8k"
     primary_metric = "accuracy_strict"
+    example_metrics = {"accuracy_strict": "correct", "accuracy_flexible": "correct_flexible"}
     skip_reason = "lacked a question or an answer with '####'"
 
     def load_hub_rows(self, split: str) -> list[dict]:

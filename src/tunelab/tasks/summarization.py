@@ -148,6 +148,9 @@ class SummarizationTask(Task):
     config_cls: ClassVar[type] = SummarizationConfig
     data_subdir: ClassVar[str | None] = None
     primary_metric: ClassVar[str] = "rougeL"
+    example_metrics: ClassVar[dict[str, str]] = {
+        m: m for m in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_precision", "bertscore_recall", "bertscore_f1")
+    }
     train_split: ClassVar[str] = "train"
 
     def __init__(self, config: TaskConfig):
