@@ -95,6 +95,10 @@ def test_batch_mode_equals_eval_predictions(run, tmp_path, capsys):
     assert sorted(got) == sorted(preds) == ["0", "1", "2", "3"]
     completions = {p["completion"] for p in preds.values()}
     assert len(completions) == 4, "the fixture model must give distinct completions for the test to mean anything"
+    # eval also scored each reference teacher-forced; the pooled ref_nll is its per-example sums over tokens
+    results = json.loads((run / "eval" / "results.json").read_text())
+    pooled = sum(p["ref_nll_sum"] for p in preds.values()) / sum(p["ref_tokens"] for p in preds.values())
+    assert results["metrics"]["ref_nll"] == pytest.approx(pooled, rel=1e-9) and pooled > 0
     for i, p in preds.items():
         assert got[i]["prompt"] == p["prompt"]
         assert got[i]["completion"] == p["completion"]  # exactly eval's string

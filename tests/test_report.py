@@ -283,3 +283,23 @@ def test_compare_refuses_what_does_not_pair(tmp_path):
     cmp = compare_evals(news, news, ["rougeL", "bertscore_f1"])
     assert cmp["metrics"]["rougeL"]["b_minus_a"] == 0.0
     assert "bertscore_f1" in cmp["skipped"] and "missing from 2 predictions" in cmp["skipped"]["bertscore_f1"]
+
+
+def test_compare_ref_nll_is_the_pooled_loss_and_lower_is_better(tmp_path):
+    from tunelab.report import compare_evals
+
+    # per example: summed NLL and reference tokens; B's loss is lower on every example
+    a = _eval_run(tmp_path, "a", "gsm8k", [{"id": str(i), "correct": False, "correct_flexible": False,
+                                            "ref_nll_sum": 20.0 + i, "ref_tokens": 10 + i} for i in range(30)])
+    b = _eval_run(tmp_path, "b", "gsm8k", [{"id": str(i), "correct": False, "correct_flexible": False,
+                                            "ref_nll_sum": 15.0 + i, "ref_tokens": 10 + i} for i in range(30)])
+    tokens = sum(10 + i for i in range(30))
+    nll = compare_evals(a, b, ["ref_nll"], n_resamples=300)["metrics"]["ref_nll"]
+    assert nll["a"] == pytest.approx(sum(20.0 + i for i in range(30)) / tokens)  # pooled, as eval's ref_nll
+    assert nll["b_minus_a"] == pytest.approx(-5.0 * 30 / tokens)
+    assert nll["ci95"][0] <= nll["b_minus_a"] <= nll["ci95"][1] < 0
+    assert nll["lower_is_better"] and nll["p_b_not_better"] == 0.0
+    # references tokenized differently cannot be pooled together
+    c = _eval_run(tmp_path, "c", "gsm8k", [{"id": str(i), "correct": False, "correct_flexible": False,
+                                            "ref_nll_sum": 15.0, "ref_tokens": 99} for i in range(30)])
+    assert "tokenized the references differently" in compare_evals(a, c, ["ref_nll"])["skipped"]["ref_nll"]

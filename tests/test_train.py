@@ -138,3 +138,11 @@ def test_reference_loss_equals_hf_loss_on_the_same_tokens(tiny_model_dir, tiny_m
     assert got["reference_tokens"] == n and got["examples"] == 5
     assert got["truncated"] > 0  # GSM8K answers do not fit in 120 tokens with their question
     assert got["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
+    per = got["per_example"]  # id -> (summed NLL, tokens): what predictions.jsonl stores for `compare`
+    assert set(per) == {ex.id for ex in examples} and sum(v[1] for v in per.values()) == n
+    assert sum(v[0] for v in per.values()) == pytest.approx(nll, rel=1e-5)
+    t0, _ = tokenize_example(examples[0], tok, 120, "truncate")
+    with torch.no_grad():
+        labels0 = torch.tensor([t0.labels])
+        loss0 = float(tiny_model(input_ids=torch.tensor([t0.input_ids]), labels=labels0).loss)
+    assert per[examples[0].id][0] == pytest.approx(loss0 * per[examples[0].id][1], rel=1e-5)

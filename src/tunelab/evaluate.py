@@ -215,6 +215,10 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     if eval_cfg.reference_loss:
         ref_loss = reference_loss(model, tokenizer, examples, cfg.data.max_length, eval_cfg.batch_size)
         scored.metrics["ref_nll"] = ref_loss["nll_per_token"]
+        per_ref = ref_loss.pop("per_example")
+        for ex, per in zip(examples, scored.per_example):
+            if ex.id in per_ref:
+                per["ref_nll_sum"], per["ref_tokens"] = per_ref[ex.id]
     eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -255,9 +259,10 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
     Each example is tokenized exactly as in training (prompt + response + EOS, loss on the response
     tokens only, the end of an over-long response cut at ``max_length`` and counted), batched by
     length, and the summed NLL is divided by the number of reference tokens (a per-token mean over
-    the whole set, as in training, not a mean of per-example means).
+    the whole set, as in training, not a mean of per-example means). ``per_example`` maps each
+    example id to (summed NLL, reference tokens), for paired comparisons (`tunelab compare`).
     """
-    from tunelab.train import TargetPositionSelector, target_loss_sum  # train imports the trainer stack
+    from tunelab.train import TargetPositionSelector  # train imports the trainer stack
 
     tokenized, truncated, dropped = [], 0, 0
     for ex in examples:
@@ -271,21 +276,33 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     selector = TargetPositionSelector(model)
-    nll_sum, n_tokens = 0.0, 0
+    per_example: dict[str, tuple[float, int]] = {}
     try:
         for start in range(0, len(tokenized), max(1, batch_size)):
-            batch = collate(tokenized[start : start + batch_size], pad_id)
-            n_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            batch = {k: v.to(device) for k, v in batch.items()}
-            nll_sum += float(target_loss_sum(model, selector, batch))
+            chunk = tokenized[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            shifted = batch["labels"][:, 1:]
+            mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            mask[:, :-1] = shifted != IGNORE_INDEX
+            selector.mask = mask  # the head sees target positions only, row after row
+            try:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            finally:
+                selector.mask = None
+            losses = torch.nn.functional.cross_entropy(logits.float(), shifted[shifted != IGNORE_INDEX], reduction="none")
+            counts = mask.sum(dim=1).tolist()
+            for t, row_losses, count in zip(chunk, torch.split(losses, counts), counts):
+                per_example[t.id] = (float(row_losses.sum()), int(count))
     finally:
         selector.remove()
+    nll_sum = sum(v[0] for v in per_example.values())
+    n_tokens = sum(v[1] for v in per_example.values())
     nll = nll_sum / max(n_tokens, 1)
     if truncated or dropped:
         log.warning(f"reference loss: {truncated} references cut at data.max_length={max_length}, "
                     f"{dropped} examples left out (prompt too long); raise data.max_length to score them whole")
     return {"nll_per_token": nll, "perplexity": math.exp(min(nll, 50.0)), "reference_tokens": n_tokens,
-            "examples": len(tokenized), "truncated": truncated, "dropped": dropped}
+            "examples": len(tokenized), "truncated": truncated, "dropped": dropped, "per_example": per_example}
 
 
 def base_run_config(overrides: list[str]) -> RunConfig:

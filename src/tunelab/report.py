@@ -959,6 +959,10 @@ def write_report(roots: list[Path], out_dir: Path, metric_overrides: Optional[di
 # --------------------------------------------------------------------------------------------
 
 
+#: metrics where a smaller value is the better one
+LOWER_IS_BETTER = ("ref_nll",)
+
+
 def _eval_dir(path: Path) -> Path:
     """A run directory's eval/ folder, or the eval folder itself."""
     for cand in (path / "eval", path):
@@ -987,7 +991,9 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
                          f"only evaluations of one task compare")
     if results[0].get("split") != results[1].get("split"):
         raise ValueError(f"the two evaluations used different splits ({results[0].get('split')} vs {results[1].get('split')})")
-    fields = get_task(tasks[0]).example_metrics
+    fields: dict[str, Any] = dict(get_task(tasks[0]).example_metrics)
+    # eval's pooled reference loss: summed NLL over summed tokens, per example (numerator, denominator)
+    fields["ref_nll"] = ("ref_nll_sum", "ref_tokens")
     wanted = metrics or list(fields)
     unknown = [m for m in wanted if m not in fields]
     if unknown:
@@ -1010,16 +1016,32 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
                            "only_in_b": len(preds[1]) - len(common), "n_resamples": n_resamples, "seed": seed,
                            "metrics": {}, "skipped": {}}
     for metric in wanted:
-        field_name = fields[metric]
-        missing = sum(1 for i in common for p in preds if not isinstance(p[i].get(field_name), (int, float)))
+        names = fields[metric] if isinstance(fields[metric], tuple) else (fields[metric],)
+        missing = sum(1 for i in common for p in preds for n in names if not isinstance(p[i].get(n), (int, float)))
         if missing:
-            out["skipped"][metric] = f"'{field_name}' is missing from {missing} predictions"
+            hint = " (evaluated before tunelab stored it; re-run tunelab eval)" if metric == "ref_nll" else ""
+            out["skipped"][metric] = f"'{', '.join(names)}' is missing from {missing} predictions{hint}"
             continue
-        va = [float(preds[0][i][field_name]) for i in common]
-        vb = [float(preds[1][i][field_name]) for i in common]
-        diff = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
-        out["metrics"][metric] = {"a": sum(va) / len(va), "b": sum(vb) / len(vb), "b_minus_a": diff["mean_diff"],
-                                  "ci95": list(diff["ci"]), "p_b_not_better": diff["p_not_better"]}
+        if len(names) == 2:
+            # a pooled ratio (sum of numerators / sum of denominators): with the same denominators in A
+            # and B (the same references, tokenized alike), it is the mean of numerator_i / mean denominator
+            num, den = names
+            if any(preds[0][i][den] != preds[1][i][den] for i in common):
+                out["skipped"][metric] = f"the two runs tokenized the references differently ('{den}' differs)"
+                continue
+            scale = len(common) / max(sum(preds[0][i][den] for i in common), 1)
+            va = [float(preds[0][i][num]) * scale for i in common]
+            vb = [float(preds[1][i][num]) * scale for i in common]
+        else:
+            va = [float(preds[0][i][names[0]]) for i in common]
+            vb = [float(preds[1][i][names[0]]) for i in common]
+        lower_is_better = metric in LOWER_IS_BETTER
+        sign = -1.0 if lower_is_better else 1.0  # "B not better" counts resamples where B's loss is not lower
+        diff = paired_bootstrap([sign * v for v in va], [sign * v for v in vb], n_resamples=n_resamples, seed=seed)
+        lo, hi = sorted(sign * c for c in diff["ci"])
+        out["metrics"][metric] = {"a": sum(va) / len(va), "b": sum(vb) / len(vb), "b_minus_a": sign * diff["mean_diff"],
+                                  "ci95": [lo, hi], "p_b_not_better": diff["p_not_better"],
+                                  "lower_is_better": lower_is_better}
     return out
 
 
@@ -1029,7 +1051,7 @@ def format_comparison(cmp: dict[str, Any]) -> str:
     if cmp["only_in_a"] or cmp["only_in_b"]:
         lines.append(f"left out: {cmp['only_in_a']} examples only in A, {cmp['only_in_b']} only in B")
     header = ["metric", "A", "B", "B − A", "95% CI", "P(B not better)"]
-    cells = [[m, f"{v['a']:.4f}", f"{v['b']:.4f}", f"{v['b_minus_a']:+.4f}",
+    cells = [[m + (" (lower is better)" if v["lower_is_better"] else ""), f"{v['a']:.4f}", f"{v['b']:.4f}", f"{v['b_minus_a']:+.4f}",
               f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]", f"{v['p_b_not_better']:.3f}"]
              for m, v in cmp["metrics"].items()]
     lines.append(markdown_table(header, cells))

@@ -47,7 +47,8 @@ class Task:
     #: the metric reported first in tables (a key of score().metrics)
     primary_metric: ClassVar[str] = "accuracy"
     #: corpus metric -> the per-example field of predictions.jsonl whose mean it is (bools count as
-    #: 0/1), so two runs can be compared example by example (`tunelab compare`)
+    #: 0/1), so two runs can be compared example by example (`tunelab compare`); eval's pooled
+    #: ``ref_nll`` (summed NLL / reference tokens) is added to every task's by ``compare``
     example_metrics: ClassVar[dict[str, str]] = {"accuracy": "correct"}
 
     def __init__(self, config: "TaskConfig"):
