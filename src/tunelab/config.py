@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -487,8 +488,6 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
             p.append("train.parallelism=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
                      "(or use train.parallelism=fsdp, PyTorch's own sharding)")
         if t.deepspeed_config is not None:
-            from tunelab.train import deepspeed_settings
-
             try:
                 deepspeed_settings(t)
             except ValueError as exc:
@@ -496,6 +495,51 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
     p.extend(get_method(cfg.method.name).validate(cfg))
     p.extend(get_task(cfg.task.name).validate(cfg))
     return p
+
+
+def deepspeed_settings(train_cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config: the user's file (or ZeRO stage 2) with batch, accumulation and clipping from train.*.
+
+    One source of truth for the numbers that shape training, as HF's "auto" values do: a file that
+    repeats them must agree. The method builds the optimizer and tunelab the lr schedule, so the
+    file's own ``optimizer``/``scheduler`` sections are refused rather than silently ignored.
+    Raises ValueError naming every conflict.
+    """
+    where = "train.deepspeed_config"
+    if train_cfg.deepspeed_config is None:
+        ds: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+    else:
+        path = Path(train_cfg.deepspeed_config)
+        where = f"train.deepspeed_config {path}"
+        if not path.is_file():
+            raise ValueError(f"{where} does not exist")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{where} must hold a JSON object")
+    problems = []
+    ours = {"train_micro_batch_size_per_gpu": (train_cfg.batch_size, "train.batch_size"),
+            "gradient_accumulation_steps": (train_cfg.grad_accum, "train.grad_accum"),
+            "gradient_clipping": (train_cfg.max_grad_norm, "train.max_grad_norm")}
+    for key, (value, ours_key) in ours.items():
+        theirs = ds.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            problems.append(f"{key}={theirs} but {ours_key}={value} (set one of them so they agree, or \"auto\")")
+        ds[key] = value
+    if ds.get("train_batch_size", "auto") != "auto":
+        problems.append("train_batch_size: leave it out or \"auto\"; it is train.batch_size x train.grad_accum x processes")
+    ds.pop("train_batch_size", None)
+    for section, fix in (("optimizer", "the method builds the optimizer (train.lr, train.adam_*, train.weight_decay)"),
+                         ("scheduler", "tunelab runs the lr schedule (train.lr_scheduler, train.warmup_*)")):
+        if section in ds:
+            problems.append(f"remove its '{section}' section: {fix}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW is a "client" optimizer to DeepSpeed
+    ds.setdefault("steps_per_print", 2**31 - 1)  # tunelab logs every step itself
+    return ds
 
 
 def load_config(

@@ -172,16 +172,21 @@ class MicroBatchStream:
         return epoch, [self.data[i] for i in self._epoch(epoch)[pos]]
 
 
+def pad_rows(rows: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one [rows, longest] tensor padded with ``pad_value`` on ``side``, and the
+    attention mask (1 on the real tokens). Training pads right; generation pads left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad to the longest example of this batch (not to a fixed length)."""
-    width = max(len(t) for t in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, t in enumerate(batch):
-        n = len(t)
-        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[row, sl] = torch.tensor(t.input_ids)
-        labels[row, sl] = torch.tensor(t.labels)
-        mask[row, sl] = 1
+    ids, mask = pad_rows([t.input_ids for t in batch], pad_token_id, padding_side)
+    labels, _ = pad_rows([t.labels for t in batch], IGNORE_INDEX, padding_side)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -23,7 +23,7 @@ from tunelab.config import ConfigError, EvalConfig, RunConfig, build_config, dee
 from tunelab.methods import get_method
 from tunelab.models import load_model, load_tokenizer, materialize, resolve_device
 from tunelab.tasks import Example, get_task
-from tunelab.data import IGNORE_INDEX, collate, tokenize_example
+from tunelab.data import IGNORE_INDEX, collate, pad_rows, tokenize_example
 from tunelab.utils import atomic_write_json, atomic_write_text, git_info, log, package_versions, peak_memory, reset_peak_memory
 
 
@@ -143,12 +143,8 @@ def generate(model, tokenizer, prompts: list[str], eval_cfg: EvalConfig, stop_ch
         bar = tqdm(total=len(prompts), desc="generate", unit="ex", dynamic_ncols=True)
     for start in range(0, len(order), eval_cfg.batch_size):
         idx = order[start:start + eval_cfg.batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
-            mask[r, width - len(enc[i]):] = 1
+        ids, mask = pad_rows([enc[i] for i in idx], pad_id, side="left")
+        width = ids.shape[1]
         kwargs: dict[str, Any] = dict(
             max_new_tokens=eval_cfg.max_new_tokens,
             num_beams=eval_cfg.num_beams,
@@ -262,7 +258,7 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
     the whole set, as in training, not a mean of per-example means). ``per_example`` maps each
     example id to (summed NLL, reference tokens), for paired comparisons (`tunelab compare`).
     """
-    from tunelab.train import TargetPositionSelector  # train imports the trainer stack
+    from tunelab.train import TargetPositionSelector, target_loss  # train imports the trainer stack
 
     tokenized, truncated, dropped = [], 0, 0
     for ex in examples:
@@ -281,16 +277,8 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
         for start in range(0, len(tokenized), max(1, batch_size)):
             chunk = tokenized[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            shifted = batch["labels"][:, 1:]
-            mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
-            mask[:, :-1] = shifted != IGNORE_INDEX
-            selector.mask = mask  # the head sees target positions only, row after row
-            try:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            finally:
-                selector.mask = None
-            losses = torch.nn.functional.cross_entropy(logits.float(), shifted[shifted != IGNORE_INDEX], reduction="none")
-            counts = mask.sum(dim=1).tolist()
+            losses = target_loss(model, selector, batch, reduction="none")  # one per target token, row after row
+            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             for t, row_losses, count in zip(chunk, torch.split(losses, counts), counts):
                 per_example[t.id] = (float(row_losses.sum()), int(count))
     finally:

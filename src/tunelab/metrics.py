@@ -46,6 +46,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from tunelab.data import pad_rows
+
 __all__ = [
     "ROUGE_TYPES",
     "MetricDependencyError",
@@ -359,12 +361,7 @@ class BERTScorer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            width = max(len(id_lists[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, : len(id_lists[i])] = torch.tensor(id_lists[i])
-                mask[r, : len(id_lists[i])] = 1
+            ids, mask = pad_rows([id_lists[i] for i in idx], pad)
             res = self.model(
                 ids.to(self.device), attention_mask=mask.to(self.device),
                 output_hidden_states=self._use_hidden_states or want_all,

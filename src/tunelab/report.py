@@ -982,6 +982,7 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
     """
     from tunelab.metrics import paired_bootstrap
     from tunelab.tasks import get_task
+    from tunelab.utils import read_jsonl
 
     dirs = [_eval_dir(Path(a)), _eval_dir(Path(b))]
     results = [json.loads((d / "results.json").read_text()) for d in dirs]
@@ -999,14 +1000,7 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
     if unknown:
         raise ValueError(f"no per-example values of {', '.join(unknown)} for task {tasks[0]} "
                          f"(comparable: {', '.join(fields)})")
-    preds = []
-    for d in dirs:
-        rows = {}
-        for line in (d / "predictions.jsonl").read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[str(row["id"])] = row
-        preds.append(rows)
+    preds = [{str(row["id"]): row for row in read_jsonl(d / "predictions.jsonl")} for d in dirs]
     common = [i for i in preds[0] if i in preds[1]]
     if not common:
         raise ValueError(f"{dirs[0]} and {dirs[1]} share no example ids: they evaluated different examples")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tunelab.config import RunConfig, TrainConfig, save_config
+from tunelab.config import RunConfig, TrainConfig, deepspeed_settings, save_config
 from tunelab.data import IGNORE_INDEX, MicroBatchStream, build_train_dataset, collate
 from tunelab.methods import Method, TrainState, get_method
 from tunelab.models import load_model, load_tokenizer, materialize, resolve_device
@@ -132,51 +132,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def deepspeed_settings(train_cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config: the user's file (or ZeRO stage 2) with batch, accumulation and clipping from train.*.
-
-    One source of truth for the numbers that shape training, as HF's "auto" values do: a file that
-    repeats them must agree. The method builds the optimizer and tunelab the lr schedule, so the
-    file's own ``optimizer``/``scheduler`` sections are refused rather than silently ignored.
-    Raises ValueError naming every conflict.
-    """
-    where = "train.deepspeed_config"
-    if train_cfg.deepspeed_config is None:
-        ds: dict[str, Any] = {"zero_optimization": {"stage": 2}}
-    else:
-        path = Path(train_cfg.deepspeed_config)
-        where = f"train.deepspeed_config {path}"
-        if not path.is_file():
-            raise ValueError(f"{where} does not exist")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(ds, dict):
-            raise ValueError(f"{where} must hold a JSON object")
-    problems = []
-    ours = {"train_micro_batch_size_per_gpu": (train_cfg.batch_size, "train.batch_size"),
-            "gradient_accumulation_steps": (train_cfg.grad_accum, "train.grad_accum"),
-            "gradient_clipping": (train_cfg.max_grad_norm, "train.max_grad_norm")}
-    for key, (value, ours_key) in ours.items():
-        theirs = ds.get(key, "auto")
-        if theirs != "auto" and theirs != value:
-            problems.append(f"{key}={theirs} but {ours_key}={value} (set one of them so they agree, or \"auto\")")
-        ds[key] = value
-    if ds.get("train_batch_size", "auto") != "auto":
-        problems.append("train_batch_size: leave it out or \"auto\"; it is train.batch_size x train.grad_accum x processes")
-    ds.pop("train_batch_size", None)
-    for section, fix in (("optimizer", "the method builds the optimizer (train.lr, train.adam_*, train.weight_decay)"),
-                         ("scheduler", "tunelab runs the lr schedule (train.lr_scheduler, train.warmup_*)")):
-        if section in ds:
-            problems.append(f"remove its '{section}' section: {fix}")
-    if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
-    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW is a "client" optimizer to DeepSpeed
-    ds.setdefault("steps_per_print", 2**31 - 1)  # tunelab logs every step itself
-    return ds
-
-
 def wrap_deepspeed(model: nn.Module, optimizer, scheduler, train_cfg: TrainConfig):
     """Hand the prepared model, the method's optimizer and our lr schedule to a DeepSpeed engine.
 
@@ -258,7 +213,10 @@ class TargetPositionSelector:
         self.handle.remove()
 
 
-def target_loss_sum(model: nn.Module, selector: TargetPositionSelector, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def target_loss(model: nn.Module, selector: TargetPositionSelector, batch: dict[str, torch.Tensor],
+                reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy at the target positions only: their sum, or (``reduction="none"``) one value per
+    target token, row after row (row i's count is its number of labels != -100 after the first)."""
     labels = batch["labels"]
     shifted = labels[:, 1:]
     mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -270,7 +228,7 @@ def target_loss_sum(model: nn.Module, selector: TargetPositionSelector, batch: d
     finally:
         selector.mask = None
     logits = out.logits
-    return nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return nn.functional.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,25 +334,22 @@ def load_checkpoint(ckpt: Path, method: Method, model: nn.Module, optimizer, sch
         # the engine restores weights, optimizer (its ZeRO partitions) and lr schedule from its own files
         model.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
                               load_lr_scheduler_states=True)
-        tensors, optim_state = {}, None
     else:
         tensors = {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
         optim_state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    if parallelism == "deepspeed":
-        pass
-    elif parallelism == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        if parallelism == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.tensor import DTensor, distribute_tensor
 
-        # every rank read the whole checkpoint; each keeps its own shard
-        params = dict(unwrap(model).named_parameters())
-        tensors = {k: distribute_tensor(v, params[k].device_mesh, params[k].placements)
-                   if isinstance(params.get(k), DTensor) else v for k, v in tensors.items()}
-        method.load_trainable_state_dict(unwrap(model), tensors)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-    else:
-        method.load_trainable_state_dict(unwrap(model), tensors)
-        optimizer.load_state_dict(optim_state)
+            # every rank read the whole checkpoint; each keeps its own shard
+            params = dict(unwrap(model).named_parameters())
+            tensors = {k: distribute_tensor(v, params[k].device_mesh, params[k].placements)
+                       if isinstance(params.get(k), DTensor) else v for k, v in tensors.items()}
+            method.load_trainable_state_dict(unwrap(model), tensors)
+            set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            method.load_trainable_state_dict(unwrap(model), tensors)
+            optimizer.load_state_dict(optim_state)
     trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(trainer_state["scheduler"])
     for cb, sd in zip(callbacks, trainer_state["callbacks"]):
@@ -462,7 +417,7 @@ class MetricLoggers:
 
 
 def _all_reduce_sum(value: float, device: torch.device, world: int) -> float:
-    if world <= 1 or not dist.is_initialized():
+    if world <= 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -607,7 +562,7 @@ def _train(cfg: RunConfig, resume: bool) -> dict[str, Any]:
                     model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last only
                 ctx = model.no_sync() if (world > 1 and parallelism == "ddp" and not sync) else _nullcontext()
                 with ctx:
-                    loss_sum = target_loss_sum(model, selector, batch)
+                    loss_sum = target_loss(model, selector, batch)
                     # DDP averages gradients over ranks: scale so the result is sum / global targets.
                     scaled = loss_sum * (world / max(global_targets, 1.0))
                     try:
