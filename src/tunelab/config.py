@@ -9,7 +9,7 @@ the fix, before anything is loaded or trained.
 
 ``method`` and ``task`` are polymorphic: their ``name`` selects the dataclass that holds the rest of
 their keys (``method=lora`` accepts ``method.rank``; ``method=full`` does not). Methods and tasks
-register their config class with :func:`register_method_config` / :func:`register_task_config`.
+name their config class (``config_cls``) where they register in :mod:`tunelab.registry`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ __all__ = [
     "parse_overrides",
     "config_to_dict",
     "save_config",
-    "register_method_config",
-    "register_task_config",
     "method_config_classes",
     "task_config_classes",
     "field_help",
@@ -203,35 +201,22 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Registries of the polymorphic sections
+# The polymorphic sections: their classes come from the registries (a leaf module)
 # --------------------------------------------------------------------------------------------
-
-_METHOD_CONFIGS: dict[str, type] = {}
-_TASK_CONFIGS: dict[str, type] = {}
-
-
-def register_method_config(name: str, cls: type) -> None:
-    _METHOD_CONFIGS[name] = cls
-
-
-def register_task_config(name: str, cls: type) -> None:
-    _TASK_CONFIGS[name] = cls
-
-
-def _ensure_registries() -> None:
-    # Importing the packages runs their registrations (kept lazy to avoid import cycles).
-    import tunelab.methods  # noqa: F401
-    import tunelab.tasks  # noqa: F401
 
 
 def method_config_classes() -> dict[str, type]:
-    _ensure_registries()
-    return dict(_METHOD_CONFIGS)
+    """``method=NAME`` -> its config dataclass, for every registered method."""
+    from tunelab.registry import METHODS
+
+    return {name: cls.config_cls for name, cls in METHODS.items()}
 
 
 def task_config_classes() -> dict[str, type]:
-    _ensure_registries()
-    return dict(_TASK_CONFIGS)
+    """``task=NAME`` -> its config dataclass, for every registered task."""
+    from tunelab.registry import TASKS
+
+    return {name: cls.config_cls for name, cls in TASKS.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,8 +414,7 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
     ``check_env=False`` skips what depends on this machine (is there a CUDA GPU?), so a GPU config
     can be validated where it is prepared: `tunelab sweep --list` or a job submission on a login node.
     """
-    from tunelab.methods import get_method
-    from tunelab.tasks import get_task
+    from tunelab.registry import METHODS, TASKS
 
     p: list[str] = []
     d, t, e = cfg.data, cfg.train, cfg.eval
@@ -471,7 +455,7 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
         if cfg.model.device == "cpu":
             p.append("model.load_in_4bit=true cannot run with model.device=cpu")
     if t.parallelism in ("fsdp", "deepspeed"):
-        reason = get_method(cfg.method.name).fsdp_unsupported_reason
+        reason = METHODS.get(cfg.method.name).fsdp_unsupported_reason
         if reason:
             p.append(f"train.parallelism={t.parallelism} cannot shard method={cfg.method.name}: {reason}. "
                      f"Use train.parallelism=ddp")
@@ -492,8 +476,8 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
                 deepspeed_settings(t)
             except ValueError as exc:
                 p.append(str(exc))
-    p.extend(get_method(cfg.method.name).validate(cfg))
-    p.extend(get_task(cfg.task.name).validate(cfg))
+    p.extend(METHODS.get(cfg.method.name).validate(cfg))
+    p.extend(TASKS.get(cfg.task.name).validate(cfg))
     return p
 
 

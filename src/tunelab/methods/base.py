@@ -14,7 +14,8 @@ hooks, in this order::
     model = method.load_for_inference(base, run_dir / method.artifact_dir)   # eval / generate
     model = method.merge(model)                  # plain HF model with the deltas folded in
 
-Methods register themselves in ``tunelab.methods.__init__`` with :func:`register_method`.
+Each method registers itself next to its class with ``@METHODS.register`` (:mod:`tunelab.registry`);
+``tunelab.methods`` imports every method module by name.
 """
 
 from __future__ import annotations
@@ -84,8 +85,14 @@ class Method:
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    #: folder inside the run directory that holds the final trained artifact
-    artifact_dir: ClassVar[str] = "adapter"
+    #: folder inside the run directory that holds the final trained artifact (None: trains nothing)
+    artifact_dir: ClassVar[str | None] = "adapter"
+    #: False for the untrained base model (``method=base``): `tunelab train` refuses it
+    trains: ClassVar[bool] = True
+    #: position of the method in reports' tables and legends (lower first; ties by name)
+    display_order: ClassVar[int] = 50
+    #: the method's config key that is its size knob on a "quality vs rank" figure, or None
+    rank_key: ClassVar[str | None] = None
     #: passed to DistributedDataParallel: True when some trainable parameters get no gradient on
     #: some steps (e.g. RoSA's sparse values before the mask exists)
     ddp_find_unused_parameters: ClassVar[bool] = False

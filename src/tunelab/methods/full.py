@@ -9,6 +9,7 @@ from torch import nn
 
 from tunelab.config import MethodConfig, RunConfig, opt
 from tunelab.methods.base import Method
+from tunelab.registry import METHODS
 
 
 @dataclass
@@ -19,8 +20,10 @@ class FullConfig(MethodConfig):
     freeze_embeddings: bool = opt(False, "Keep the input embeddings (and tied lm_head) frozen.")
 
 
+@METHODS.register
 class FullMethod(Method):
     name = "full"
+    display_order = 10
     config_cls = FullConfig
     artifact_dir = "model"
 
@@ -61,4 +64,3 @@ class FullMethod(Method):
         return model  # nothing to fold in: the weights are the model
 
 
-METHOD = FullMethod

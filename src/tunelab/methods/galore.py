@@ -24,6 +24,7 @@ from tunelab.methods.base import Callback, TrainState
 from tunelab.methods.full import FullMethod
 from tunelab.methods.galore_optim import PROJ_TYPES, SVD_MODES, GaLoreAdamW
 from tunelab.utils import log
+from tunelab.registry import METHODS
 
 ATTN_MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -131,8 +132,10 @@ class GaloreCallback(Callback):
             self.optimizer.begin_accumulation()
 
 
+@METHODS.register
 class GaloreMethod(FullMethod):
     name = "galore"
+    display_order = 40
     config_cls = GaloreConfig
     artifact_dir = "model"
     fsdp_unsupported_reason = (
@@ -297,4 +300,3 @@ class GaloreMethod(FullMethod):
         return report
 
 
-METHOD = GaloreMethod

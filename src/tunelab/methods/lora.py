@@ -16,6 +16,7 @@ from torch import nn
 
 from tunelab.config import MethodConfig, RunConfig, opt
 from tunelab.methods.base import Method
+from tunelab.registry import METHODS
 
 INIT_CHOICES = ("default", "gaussian", "pissa", "olora", "loftq", "eva", "corda")
 
@@ -40,8 +41,11 @@ class LoraConfig(MethodConfig):
     alpha_pattern: dict = opt(factory=dict, help="Per-module alpha overrides {regex: alpha}.")
 
 
+@METHODS.register
 class LoraMethod(Method):
     name = "lora"
+    display_order = 20
+    rank_key = "rank"
     config_cls = LoraConfig
     artifact_dir = "adapter"
 
@@ -109,4 +113,3 @@ class LoraMethod(Method):
         return model.merge_and_unload()
 
 
-METHOD = LoraMethod

@@ -48,6 +48,7 @@ from tunelab.config import MethodConfig, RunConfig, TrainConfig, opt
 from tunelab.methods.base import Callback, Method, TrainState
 from tunelab.methods.rosa_ops import RosaLinear, is_4bit, topk_indices
 from tunelab.utils import log
+from tunelab.registry import METHODS
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "rosa_config.json"
@@ -534,8 +535,11 @@ class RosaScheduler(Callback):
 # ------------------------------------------------------------------------------------------
 
 
+@METHODS.register
 class RosaMethod(Method):
     name = "rosa"
+    display_order = 30
+    rank_key = "rank"
     config_cls = RosaConfig
     artifact_dir = "adapter"
     training_only_keys = ("mask_from",)
@@ -902,4 +906,3 @@ class RosaMethod(Method):
         return inner
 
 
-METHOD = RosaMethod

@@ -1,43 +1,17 @@
-"""Tasks: one file each (prompt template, loader, answer extraction, metric)."""
+"""Tasks: one module each (prompt template, loader, answer extraction, metric).
+
+Each module registers its task classes in :data:`tunelab.registry.TASKS` next to their definition;
+importing this package imports them all, by name.
+"""
 
 from __future__ import annotations
 
-import difflib
-import importlib
-
-from tunelab.config import register_task_config
+from tunelab.registry import TASKS
 from tunelab.tasks.base import Example, Scored, Task
 
-_TASKS: dict[str, type[Task]] = {}
+from tunelab.tasks import gsm8k, jsonl, summarization  # noqa: E402,F401  (registers them)
 
+get_task = TASKS.get
+known_tasks = TASKS.known
 
-def register_task(cls: type[Task]) -> type[Task]:
-    _TASKS[cls.name] = cls
-    register_task_config(cls.name, cls.config_cls)
-    return cls
-
-
-def known_tasks() -> list[str]:
-    return sorted(_TASKS)
-
-
-def get_task(name: str) -> type[Task]:
-    if name not in _TASKS:
-        close = difflib.get_close_matches(name, list(_TASKS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"unknown task '{name}'{hint} (known: {', '.join(known_tasks())})")
-    return _TASKS[name]
-
-
-for _module in ("gsm8k", "jsonl", "summarization"):
-    try:
-        _mod = importlib.import_module(f"tunelab.tasks.{_module}")
-    except ModuleNotFoundError as exc:  # a task that has not landed yet
-        if exc.name != f"tunelab.tasks.{_module}":
-            raise
-        continue
-    for _cls in getattr(_mod, "TASKS", [getattr(_mod, "TASK", None)]):
-        if _cls is not None:
-            register_task(_cls)
-
-__all__ = ["Example", "Scored", "Task", "get_task", "known_tasks", "register_task"]
+__all__ = ["TASKS", "Example", "Scored", "Task", "get_task", "known_tasks"]

@@ -26,6 +26,7 @@ from typing import Optional
 
 from tunelab.config import TaskConfig, opt
 from tunelab.tasks.base import Example, Scored, Task
+from tunelab.registry import TASKS
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
@@ -78,6 +79,7 @@ class Gsm8kConfig(TaskConfig):
     )
 
 
+@TASKS.register
 class Gsm8kTask(Task):
     name = "gsm8k"
     config_cls = Gsm8kConfig
@@ -149,4 +151,3 @@ class Gsm8kTask(Task):
         )
 
 
-TASK = Gsm8kTask

@@ -20,6 +20,7 @@ from typing import Optional
 from tunelab.config import TaskConfig, opt
 from tunelab.tasks.base import Example, Scored, Task
 from tunelab.utils import read_jsonl
+from tunelab.registry import TASKS
 
 
 @dataclass
@@ -37,6 +38,7 @@ class JsonlConfig(TaskConfig):
     ignore_case: bool = opt(False, "Case-insensitive exact match.")
 
 
+@TASKS.register
 class JsonlTask(Task):
     name = "jsonl"
     config_cls = JsonlConfig
@@ -109,4 +111,3 @@ class JsonlTask(Task):
         return Scored({"accuracy": ok / max(len(examples), 1), "n": len(examples)}, per)
 
 
-TASK = JsonlTask

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Optional
 from tunelab.config import EvalConfig, TaskConfig, opt
 from tunelab.tasks.base import Example, Scored, Task
 from tunelab.utils import log
+from tunelab.registry import TASKS
 
 DEFAULT_TEMPLATE = "Article: {article}\nSummary:"
 #: The model has finished its summary once it starts a new block or a new example.
@@ -141,6 +142,7 @@ class SummarizationConfig(_SummaryCommon):
     id_field: Optional[str] = opt("id", "Field with the example id (null or absent = the row index).")
 
 
+@TASKS.register
 class SummarizationTask(Task):
     """Generic article → summary task; :class:`NewsSummaryTask` fixes the data source."""
 
@@ -537,6 +539,7 @@ class SummarizationTask(Task):
         return Scored(metrics=metrics, per_example=per)
 
 
+@TASKS.register
 class NewsSummaryTask(SummarizationTask):
     """News summaries: the local {id, article, summary} folder, or argilla/news-summary from the Hub."""
 
@@ -560,4 +563,3 @@ class NewsSummaryTask(SummarizationTask):
         ]
 
 
-TASKS = [NewsSummaryTask, SummarizationTask]
