@@ -4,7 +4,7 @@
 #   make test   venv + install + the test suite (starts a local SLURM for the launcher tests)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU wheel from this machine's disk; on a CUDA machine use e.g. TORCH='torch>=2.4,<2.15'
+# CPU wheel from this machine's disk; on a CUDA machine use e.g. TORCH='torch>=2.6,<2.15'
 TORCH  ?= torch==2.13.0
 export TUNELAB_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1

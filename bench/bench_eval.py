@@ -25,14 +25,16 @@ def main() -> None:
     import torch
 
     from tunelab.config import load_config
-    from tunelab.evaluate import _generated_length, generate, load_model_for_eval, run_config
+    from tunelab.evaluation.engine import _generated_length, generate
+    from tunelab.evaluation.evaluate import load_model_for_eval
+    from tunelab.rundir import RunDir
     from tunelab.tasks import get_task
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32, help="test questions")
     ap.add_argument("--run", help="evaluate this run's adapter instead of the base model")
     args = ap.parse_args()
-    cfg = run_config(Path(args.run)) if args.run else load_config(overrides=["task=gsm8k"])
+    cfg = RunDir(args.run).config() if args.run else load_config(overrides=["task=gsm8k"])
     model, tok = load_model_for_eval(cfg, Path(args.run) if args.run else None)
     task = get_task("gsm8k")(cfg.task)
     examples = task.examples("test")[: args.n]

@@ -172,7 +172,7 @@ def optimizer_only(args, load, names: list[str]) -> dict[str, float]:
             opt = Ref([{"params": proj, "rank": args.rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
                        {"params": plain}], lr=args.lr, eps=1e-8, no_deprecation_warning=True)
         else:
-            from tunelab.methods.galore_optim import GaLoreAdamW
+            from tunelab.methods.galore.optim import GaLoreAdamW
 
             opt = GaLoreAdamW([{"params": proj, "galore": True}, {"params": plain}], lr=args.lr, eps=1e-8,
                               rank=args.rank, svd="exact" if name == "galore_exact" else "randomized",

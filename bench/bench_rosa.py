@@ -105,7 +105,7 @@ class Variant:
         self.times: dict[str, list[float]] = {}
 
     def phase(self) -> str:
-        from tunelab.methods.rosa import RosaScheduler, rosa_layers
+        from tunelab.methods.rosa import RosaScheduler
 
         sched = [cb for cb in self.callbacks if isinstance(cb, RosaScheduler)]
         if not sched:
@@ -201,8 +201,10 @@ def interleaved(args) -> dict:
         med = [statistics.median(col) for col in zip(*sel)]
         rows[phase] = {"rosa_s": med[0], "lora_s": med[1], "ratio": med[0] / med[1],
                        "rosa_cpu_s": med[2], "lora_cpu_s": med[3], "cpu_ratio": med[2] / med[3], "n": len(sel)}
+    from tunelab.methods.rosa import trainable_counts
+
     extra = rosa.method.extra_results(rosa.model, rosa.optimizer)
-    counts = rosa.method.trainable_counts(rosa.model)
+    counts = trainable_counts(rosa.model)
     lora_trainable = sum(p.numel() for p in lora.model.parameters() if p.requires_grad)
     return {
         "device": str(device),
@@ -256,7 +258,7 @@ def micro(args) -> list[dict]:
     """Per-layer costs of the formulations at the default model's shapes (fp32, T = batch × seq)."""
     import torch.nn.functional as F
 
-    from tunelab.methods.rosa_ops import sddmm
+    from tunelab.methods.rosa.sparse_ops import sddmm
 
     device = device_of(args)
     sync = sync_fn(device)

@@ -5,7 +5,7 @@ and prints a markdown table of articles/s with the ratio to the original recipe:
 
 * **original recipe** — plain ``model.generate`` one article at a time with 4 beams,
   ``no_repeat_ngram_size=3``, 150 new tokens (how the original project decoded);
-* **tunelab greedy** — ``tunelab.evaluate.generate`` as ``tunelab eval`` runs it by default
+* **tunelab greedy** — ``tunelab.evaluation.engine.generate`` as ``tunelab eval`` runs it by default
   (greedy, length-sorted batches with left padding, per-row stop at a blank line or EOS), with the
   ``greedy`` preset's 128 new tokens;
 * **tunelab beam preset** — the same function with ``eval.preset=original`` (batch 1, 4 beams,
@@ -61,16 +61,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TUNELAB_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     from tunelab.config import load_config
-    from tunelab.evaluate import generate, generation_settings, load_model_for_eval, run_config
-    from tunelab.metrics import rouge
+    from tunelab.evaluation.engine import generate, generation_settings
+    from tunelab.evaluation.evaluate import load_model_for_eval
+    from tunelab.evaluation.metrics import rouge
     from tunelab.models import resolve_device
+    from tunelab.rundir import RunDir
     from tunelab.tasks import get_task
     from tunelab.utils import setup_logging
 
     setup_logging()
     over = [f"data.max_length={args.max_length}"]
     if args.run:
-        cfg = run_config(Path(args.run), over)
+        cfg = RunDir(args.run).config(over)
     else:
         cfg = load_config(overrides=["task=news_summary", f"model={args.model}", *over])
     task = get_task(cfg.task.name)(cfg.task)

@@ -73,3 +73,21 @@ def test_shipped_presets_parse(preset):
     if preset == "gsm8k_original.yaml":
         assert (cfg.train.lr, cfg.method.rank, cfg.method.alpha, cfg.method.target_modules, cfg.data.max_length) == (
             7e-4, 8, 16.0, "all-linear", 720)
+
+
+def test_config_imports_no_method_or_task():
+    """config is below methods and tasks in the tree: importing it must not import them (no cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tunelab.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('tunelab.methods', 'tunelab.tasks'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_names_suggest_the_closest_registered_one():
+    with pytest.raises(ConfigError, match=r"unknown method 'lroa'; did you mean '(lora|rosa)'"):
+        load_config(overrides=["method=lroa"])
+    with pytest.raises(ConfigError, match=r"unknown task 'gsm9k'; did you mean 'gsm8k'"):
+        load_config(overrides=["task=gsm9k"])

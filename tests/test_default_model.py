@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tunelab.config import load_config
-from tunelab.evaluate import evaluate, run_config
+from tunelab.evaluation.evaluate import evaluate
+from tunelab.rundir import RunDir
 from tunelab.merge import merge_run
 from tunelab.models import builtin_gguf_path, load_model, materialize
 from tunelab.train import train
@@ -31,10 +32,10 @@ def test_train_eval_merge_on_default_model(tmp_path):
         "train.max_steps=2", "train.report_to=[]", "train.progress_bar=false", f"out={run}",
     ]))
     assert res["steps"] == 2 and 0 < res["final_loss"] < 5  # an instruct model already predicts GSM8K text well
-    out = evaluate(run_config(run, ["eval.limit=3", "eval.max_new_tokens=32"]), run, run)
+    out = evaluate(RunDir(run).config(["eval.limit=3", "eval.max_new_tokens=32"]), run, run)
     assert out["metrics"]["n"] == 3 and out["generated_tokens"] > 0
     preds = [json.loads(l) for l in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert any(p["completion"].strip() for p in preds)  # the model writes answers, not nothing
     assert all(p["expected"] for p in preds)
-    report = merge_run(run_config(run), run)
+    report = merge_run(RunDir(run).config(), run)
     assert report["max_abs_logit_diff"] < 1e-3

@@ -16,7 +16,8 @@ import torch
 from tunelab.config import ConfigError, load_config
 from tunelab.methods import get_method
 from tunelab.methods.base import TrainState
-from tunelab.methods.galore_optim import GaLoreAdamW, projection_sides, top_singular_basis
+from tunelab.methods.galore.optim import GaLoreAdamW
+from tunelab.methods.galore.projection import projection_sides, top_singular_basis
 
 LR = 1e-2  # large enough that every step visibly moves the weights
 
@@ -432,7 +433,7 @@ def test_trainer_resume_across_refresh_is_bit_exact(tiny_model_dir, tmp_path):
 
     from safetensors.torch import load_file
 
-    from tunelab.evaluate import run_config
+    from tunelab.rundir import RunDir
     from tunelab.train import train
 
     common = ["train.max_steps=4", "train.lr=5e-3", "method.update_proj_gap=3", "train.warmup_steps=1"]
@@ -445,7 +446,7 @@ def test_trainer_resume_across_refresh_is_bit_exact(tiny_model_dir, tmp_path):
     for name in ("model", "results.json", "tokenizer"):  # a crash after the step-2 checkpoint
         p = part / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    train(run_config(part), resume=True)  # steps 2, 3; the projection refresh happens at step 3
+    train(RunDir(part).config(), resume=True)  # steps 2, 3; the projection refresh happens at step 3
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(part / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

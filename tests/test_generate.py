@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,9 @@ import torch
 
 from tunelab.cli import main
 from tunelab.config import load_config
-from tunelab.generate import (
-    DecodeOptions,
-    Generator,
-    TaskStreamer,
-    prepare_batch,
-    read_prompts,
-    resolve_target,
-    run_batch,
-)
+from tunelab.evaluation.engine import DecodeOptions, Generator, TaskStreamer
+from tunelab.evaluation.generate import prepare_batch, read_prompts, run_batch
+from tunelab.rundir import RunDir, resolve_target
 
 GSM8K_TEST = Path(os.environ["TUNELAB_DATA_DIR"]) / "gsm8k" / "test.jsonl"
 N_NEW = 24
@@ -51,7 +44,7 @@ def varied_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, varied_model_dir) -> Path:
     """A LoRA run (2 steps) evaluated on the first 4 GSM8K test questions."""
-    from tunelab.evaluate import evaluate, run_config
+    from tunelab.evaluation.evaluate import evaluate
     from tunelab.train import train
 
     out = tmp_path_factory.mktemp("gen") / "RUN"
@@ -59,7 +52,7 @@ def run(tmp_path_factory, varied_model_dir) -> Path:
         f"model={varied_model_dir}", "task=gsm8k", "method=lora", "data.limit=16", "train.batch_size=8",
         "train.max_steps=2", "train.lr=1e-2", "train.report_to=[]", "train.progress_bar=false", f"out={out}",
     ]))
-    evaluate(run_config(out, ["eval.limit=4", f"eval.max_new_tokens={N_NEW}"]), out, out)
+    evaluate(RunDir(out).config(["eval.limit=4", f"eval.max_new_tokens={N_NEW}"]), out, out)
     return out
 
 
@@ -73,7 +66,8 @@ def _predictions(run: Path) -> dict[str, dict]:
 
 def _generator(target: str | None, *overrides: str, base: bool = False, raw: bool = False, chat: bool = False,
                **opts) -> Generator:
-    return Generator(resolve_target(target, base, None, list(overrides)), DecodeOptions(**opts), raw=raw, chat=chat).load()
+    return Generator(resolve_target(target, base=base, overrides=list(overrides), command="generate"), DecodeOptions(**opts),
+                     raw=raw, chat=chat).load()
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -206,24 +200,41 @@ def test_interactive_mode_through_stdin(run):
     assert proc.stdout == f"{expected[0]}\n\n{expected[1]}\n\n"
 
 
+def _is_ready_line(line: str) -> bool:
+    return line.startswith("tunelab generate:") and " ready (" in line
+
+
 def test_interactive_exits_cleanly_on_ctrl_c(run):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "generate", str(run), "--interactive"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
+    # wait for the REPL's own ready line (a library's warning may contain the word "ready" too); the
+    # signal may land before or after input() blocks: Ctrl-C at any point must end it cleanly
     err = ""
-    deadline = time.time() + 240
-    while "ready" not in err and time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
+    for line in iter(proc.stderr.readline, ""):
         err += line
-    assert "ready" in err, err
-    time.sleep(0.5)  # let it block on reading the prompt
+        if _is_ready_line(line):
+            break
+    assert "tunelab generate:" in err and " ready (" in err, err
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in rest, rest
+
+
+def test_interactive_ctrl_c_during_start_up_exits_cleanly(run):
+    """SIGINT as soon as the process writes anything (the model is still loading): no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "generate", str(run), "--interactive"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    first = proc.stderr.readline()
+    assert first, "the process wrote nothing before exiting"
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130) and "Traceback" not in first + rest, first + rest
 
 
 def test_read_prompts_multiline_and_eof():
@@ -279,7 +290,7 @@ def test_prepare_batch_happens_before_model_load(run, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps({"question": "a?"}) + "\n")
     out.write_text(json.dumps({"id": "zzz", "completion": "x"}) + "\n")
-    gen = Generator(resolve_target(str(run), False, None, []), DecodeOptions())
+    gen = Generator(resolve_target(str(run), command="generate"), DecodeOptions())
     with pytest.raises(ValueError, match="1 id\\(s\\) that are not in .* \\(e.g. 'zzz'\\): it belongs to another input"):
         prepare_batch(gen, inp, out)
     assert gen.model is None
@@ -314,21 +325,21 @@ def test_streamer_never_shows_what_the_task_trims(tiny_model_dir):
 
 
 def test_prompt_formatting_follows_each_task():
-    from tunelab.generate import format_input, format_row, task_input_fields
+    from tunelab.evaluation.generate import task_input_fields
     from tunelab.tasks import Example, Task, get_task
 
     gsm8k = get_task("gsm8k")(load_config().task)
     row = _questions(1)[0]
-    assert format_row(gsm8k, {"question": row["question"]}) == gsm8k.to_example(row, 0).prompt
-    assert format_input(gsm8k, "What is 2+2?") == "Question: What is 2+2?\nAnswer:"
+    assert gsm8k.format_prompt({"question": row["question"]}) == gsm8k.to_example(row, 0).prompt
+    assert gsm8k.format_input("What is 2+2?") == "Question: What is 2+2?\nAnswer:"
     from tunelab.tasks.jsonl import JsonlConfig
 
     cfg = JsonlConfig(template="Q ({lang}): {prompt}\nA:")
     jsonl = get_task("jsonl")(cfg)
     assert task_input_fields(jsonl) == ["lang", "prompt"]
-    assert format_row(jsonl, {"lang": "fr", "prompt": "fromage?"}) == "Q (fr): fromage?\nA:"
+    assert jsonl.format_prompt({"lang": "fr", "prompt": "fromage?"}) == "Q (fr): fromage?\nA:"
     with pytest.raises(ValueError, match=r"several fields \['lang', 'prompt'\]"):
-        format_input(jsonl, "fromage?")
+        jsonl.format_input("fromage?")
 
     class Echo(Task):  # a task generate has no table entry for: prompts come from to_example
         name = "echo"
@@ -338,18 +349,18 @@ def test_prompt_formatting_follows_each_task():
 
     echo = Echo(cfg)
     assert task_input_fields(echo) is None
-    assert format_row(echo, {"text": "hi"}) == "<<hi>>"
+    assert echo.format_prompt({"text": "hi"}) == "<<hi>>"
     with pytest.raises(ValueError, match=r"could not build a prompt from this row \(fields present: \['x'\]\)"):
-        format_row(echo, {"x": 1})
+        echo.format_prompt({"x": 1})
     with pytest.raises(ValueError, match="does not say which field a single prompt fills: use --raw"):
-        format_input(echo, "hi")
+        echo.format_input("hi")
 
 
 def test_summarization_prompts_equal_eval_prompts_with_truncation(tiny_model_dir, tmp_path):
     """Long articles are cut to eval's token budget exactly as eval cuts them (also with dotted field paths)."""
     from transformers import AutoTokenizer
 
-    from tunelab.generate import format_input, format_row, task_input_fields
+    from tunelab.evaluation.generate import task_input_fields
     from tunelab.tasks import get_task, known_tasks
 
     if "summarization" not in known_tasks():
@@ -369,8 +380,8 @@ def test_summarization_prompts_equal_eval_prompts_with_truncation(tiny_model_dir
     assert task_input_fields(task) == ["doc.text"]
     for i, (row, ex) in enumerate(zip(rows, examples)):
         user_row = {"doc": {"text": row["article"]}}  # no summary: generate's input
-        assert format_row(task, user_row, i, tok, budget) == ex.prompt
-        assert format_input(task, row["article"], tok, budget) == ex.prompt
+        assert task.format_prompt(user_row, tok, budget) == ex.prompt
+        assert task.format_input(row["article"], tok, budget) == ex.prompt
 
 
 # ---- bad input ----------------------------------------------------------------------------

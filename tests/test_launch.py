@@ -32,13 +32,13 @@ from safetensors.torch import load_file
 from tunelab.cli import main
 from tunelab.launch import (
     SlurmConfig,
-    _compress,
     format_status,
     job_states,
     parse_time,
     run_status,
     validate_slurm,
 )
+from tunelab.launch.submit import _compress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,8 @@ import os
 
 _DIR = os.environ.get("TUNELAB_TEST_RANK_DUMP")
 if _DIR:
-    import tunelab.methods as _methods
     from tunelab.methods.base import Callback as _Callback
+    from tunelab.registry import METHODS as _METHODS
 
     class _Dump(_Callback):
         def on_train_end(self, state, model):
@@ -61,7 +61,7 @@ if _DIR:
             tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(tensors, os.path.join(_DIR, f"rank{state.rank}-of-{state.world_size}.safetensors"))
 
-    _get_method = _methods.get_method
+    _get_method = _METHODS.get
 
     def get_method(name):
         cls = _get_method(name)
@@ -72,7 +72,7 @@ if _DIR:
 
         return Dumping
 
-    _methods.get_method = get_method  # before tunelab.train imports it
+    _METHODS.get = get_method  # every lookup of the run's method (the trainer's too) gets the dumping subclass
 '''
 
 
@@ -268,7 +268,7 @@ def test_status_of_a_run_without_jobs(tiny_model_dir, tmp_path, capsys):
 
 
 def test_sweep_dry_run_is_one_array_over_pending_points(tiny_model_dir, tmp_path, capsys):
-    pytest.importorskip("tunelab.sweep")
+    pytest.importorskip("tunelab.experiments")
     sweep = _write_sweep(tmp_path, tiny_model_dir)
     rc = main(["submit", "sweep", str(sweep), "--slurm.array_parallelism=2", "--dry-run"])
     text = capsys.readouterr().out
@@ -757,7 +757,7 @@ def test_slurm_ddp_two_tasks_identical_weights(slurm, tiny_model_dir, tmp_path, 
 
 @pytest.mark.slurm
 def test_slurm_sweep_array_of_three_points(slurm, tiny_model_dir, tmp_path, quiet_env, jobs_cleanup, capsys):
-    pytest.importorskip("tunelab.sweep")
+    pytest.importorskip("tunelab.experiments")
     sweep = _write_sweep(tmp_path, tiny_model_dir)
     out = tmp_path / "sweep-runs"
     jobs_cleanup.append(out)

@@ -12,7 +12,7 @@ import yaml
 
 from tunelab.cli import main
 from tunelab.config import RunConfig, config_to_dict
-from tunelab.report import GIB, collect_runs, fmt_mean_std, write_report
+from tunelab.experiments.report import GIB, collect_runs, fmt_mean_std, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = (
@@ -239,7 +239,7 @@ def _eval_run(root: Path, name: str, task: str, rows: list[dict]) -> Path:
 
 def test_compare_pairs_examples_by_id_and_reports_the_paired_difference(tmp_path, capsys):
     from tunelab.cli import main
-    from tunelab.report import compare_evals
+    from tunelab.experiments.report import compare_evals
 
     # A right on 10 of 40, B on the same 10 plus 6 more: +0.15; id 'x' only in B is left out
     a = _eval_run(tmp_path, "a", "gsm8k", [{"id": str(i), "correct": i < 10, "correct_flexible": i < 20}
@@ -266,7 +266,7 @@ def test_compare_pairs_examples_by_id_and_reports_the_paired_difference(tmp_path
 
 
 def test_compare_refuses_what_does_not_pair(tmp_path):
-    from tunelab.report import compare_evals
+    from tunelab.experiments.report import compare_evals
 
     g = _eval_run(tmp_path, "g", "gsm8k", [{"id": "1", "correct": True, "correct_flexible": True}])
     other_ids = _eval_run(tmp_path, "o", "gsm8k", [{"id": "2", "correct": True, "correct_flexible": True}])
@@ -286,7 +286,7 @@ def test_compare_refuses_what_does_not_pair(tmp_path):
 
 
 def test_compare_ref_nll_is_the_pooled_loss_and_lower_is_better(tmp_path):
-    from tunelab.report import compare_evals
+    from tunelab.experiments.report import compare_evals
 
     # per example: summed NLL and reference tokens; B's loss is lower on every example
     a = _eval_run(tmp_path, "a", "gsm8k", [{"id": str(i), "correct": False, "correct_flexible": False,

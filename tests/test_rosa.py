@@ -24,7 +24,8 @@ from tunelab.config import ConfigError, RunConfig, TrainConfig, load_config
 from tunelab.methods import get_method
 from tunelab.methods.base import TrainState
 from tunelab.methods.rosa import MASKS_FILE, RosaConfig, RosaMethod, rosa_layers
-from tunelab.methods.rosa_ops import RosaLinear, dense_weight, is_4bit
+from tunelab.methods.rosa.layer import RosaLinear
+from tunelab.methods.rosa.sparse_ops import dense_weight, is_4bit
 
 VOCAB = 1000  # token ids drawn below this (the tiny model has the full SmolLM2 vocabulary)
 
@@ -534,11 +535,10 @@ def test_ddp_ranks_build_identical_masks_from_all_data(tiny_model_dir, tmp_path)
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    # fork (as DataLoader workers do; the worker drops to one thread first) starts in well under a
-    # second; spawn would re-import torch and transformers in each process
-    method = "fork" if sys.platform == "linux" else "spawn"
+    # spawn, not fork: a child forked from this multi-threaded test process can deadlock on a lock
+    # another thread held at the fork (seen: rank 0 hung at exit after writing its result)
     mp.start_processes(_ddp_worker, args=(2, str(tiny_model_dir), str(tmp_path), _free_port()), nprocs=2,
-                       join=True, start_method=method)
+                       join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name
@@ -653,12 +653,13 @@ def test_two_phase_recipe_end_to_end(tiny_model_dir, tmp_path):
         assert a[f"{name}.rosa_values"].abs().sum() > 0
 
     # evaluation (unmerged, with generation) and merge of the trained run
-    from tunelab.evaluate import evaluate, run_config
+    from tunelab.evaluation.evaluate import evaluate
+    from tunelab.rundir import RunDir
     from tunelab.merge import merge_run
 
-    res = evaluate(run_config(phase2, ["eval.limit=2", "eval.max_new_tokens=4"]), phase2, tmp_path / "eval")
+    res = evaluate(RunDir(phase2).config(["eval.limit=2", "eval.max_new_tokens=4"]), phase2, tmp_path / "eval")
     assert res
-    report = merge_run(run_config(phase2), phase2)
+    report = merge_run(RunDir(phase2).config(), phase2)
     assert report["max_abs_logit_diff"] < 1e-4
     assert (phase2 / "merged" / "config.json").is_file()
 
@@ -669,7 +670,7 @@ def test_trainer_resume_after_mask_equals_uninterrupted(tiny_model_dir, tmp_path
 
     from safetensors.torch import load_file
 
-    from tunelab.evaluate import run_config
+    from tunelab.rundir import RunDir
     from tunelab.train import train
 
     common = ["method.schedule=wl1", "method.density=0.02", "method.dropout=0.0", "train.max_steps=4",
@@ -682,7 +683,7 @@ def test_trainer_resume_after_mask_equals_uninterrupted(tiny_model_dir, tmp_path
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     ckpt = load_file(str(part / "checkpoints" / "step-000002" / "trainable.safetensors"))
     assert any(k.endswith(".rosa_indices") for k in ckpt)
-    res = train(run_config(part), resume=True)
+    res = train(RunDir(part).config(), resume=True)
     assert res["method_results"]["rosa_mask_source"] == "collected"  # restored, not rebuilt
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(part / "adapter" / "adapter_model.safetensors"))

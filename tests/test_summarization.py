@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tunelab.config import ConfigError, load_config
-from tunelab.metrics import (
+from tunelab.evaluation.metrics import (
     BERTScorer,
     MetricDependencyError,
     bootstrap_ci,
@@ -317,7 +317,7 @@ def test_presets_stop_and_trim():
     presets = task.generation_presets()
     assert presets["original"] == {"num_beams": 4, "no_repeat_ngram_size": 3, "max_new_tokens": 150, "batch_size": 1}
     assert presets["greedy"]["num_beams"] == 1
-    from tunelab.evaluate import generation_settings
+    from tunelab.evaluation.engine import generation_settings
 
     cfg = load_config(overrides=["task=news_summary", "eval.preset=original"])
     settings = generation_settings(task, cfg.eval)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.cli import main
-from tunelab.sweep import (
+from tunelab.experiments import (
     SweepError,
     load_sweep,
     pending_indices,

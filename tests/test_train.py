@@ -58,9 +58,9 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
         p = part / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert [c.name for c in (part / "checkpoints").iterdir()] == ["step-000002"]
-    from tunelab.evaluate import run_config
+    from tunelab.rundir import RunDir
 
-    train(run_config(part), resume=True)
+    train(RunDir(part).config(), resume=True)
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -99,15 +99,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path)
 def test_merge_equivalence(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.evaluate import load_model_for_eval, run_config
+    from tunelab.evaluation.evaluate import load_model_for_eval
+    from tunelab.rundir import RunDir
     from tunelab.merge import merge_run
 
     run = tmp_path / "run"
     train(_cfg(tiny_model_dir, run, "method=lora", "train.max_steps=2", "train.lr=5e-2"))
-    report = merge_run(run_config(run), run)
+    report = merge_run(RunDir(run).config(), run)
     assert report["max_abs_logit_diff"] <= 1e-3
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
-    adapter_model, _ = load_model_for_eval(run_config(run), run)
+    adapter_model, _ = load_model_for_eval(RunDir(run).config(), run)
     ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter_model(ids).logits, rtol=1e-4, atol=1e-4)
@@ -119,7 +120,7 @@ def test_reference_loss_equals_hf_loss_on_the_same_tokens(tiny_model_dir, tiny_m
     from transformers import AutoTokenizer
 
     from tunelab.data import tokenize_example
-    from tunelab.evaluate import reference_loss
+    from tunelab.evaluation.evaluate import reference_loss
     from tunelab.tasks import get_task
 
     cfg = load_config(overrides=[f"model={tiny_model_dir}", "task=gsm8k"])

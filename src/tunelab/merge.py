@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.evaluate import load_model_for_eval
+from tunelab.evaluation.evaluate import load_model_for_eval
 from tunelab.methods import get_method
 from tunelab.models import resolve_device
+from tunelab.rundir import RunDir
 from tunelab.utils import atomic_replace_dir, atomic_write_json, log
 
 CHECK_TEXTS = [
@@ -39,8 +40,16 @@ def _logits(model, tokenizer, device) -> list[torch.Tensor]:
 
 
 def merge_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None) -> dict:
-    out_dir = out_dir or run_dir / "merged"
+    """Check and write the merge of the run's artifact into its base model (default RUN/merged); returns the check."""
+    run = RunDir(run_dir)
+    out_dir = out_dir or run.merged_dir
     method = get_method(cfg.method.name)(cfg.method)
+    artifact = run.artifact_dir(method)
+    if artifact is None:
+        raise ValueError(
+            f"{run.path} has no trained artifact to merge (method={method.name} trains nothing): "
+            f"`tunelab eval` and `tunelab generate` use its model as it is"
+        )
     if cfg.model.load_in_4bit:
         log.warning(
             "the run was trained on a 4-bit base: merging into the unquantized base weights "
@@ -58,7 +67,7 @@ def merge_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None) -> dic
     if not max_diff <= tol:
         raise RuntimeError(
             f"refusing to write the merge: merged logits differ from the adapter model's by {max_diff:.3g} "
-            f"(tolerance {tol:g} for {dtype}); the artifact in {run_dir / method.artifact_dir} may be corrupt"
+            f"(tolerance {tol:g} for {dtype}); the artifact in {artifact} may be corrupt"
         )
     log.info(f"merge check passed: max |logit difference| = {max_diff:.2e} (tolerance {tol:g})")
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".merged-"))

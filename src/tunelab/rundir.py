@@ -46,6 +46,13 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    @classmethod
+    def default_for(cls, cfg: "RunConfig") -> "RunDir":
+        """``runs/<task>-<method>-<time>``: where a run goes when ``out=`` is not set."""
+        import time
+
+        return cls(Path("runs") / f"{cfg.task.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 

@@ -1,4 +1,4 @@
-"""Tasks: one module each (prompt template, loader, answer extraction, metric).
+"""Tasks: one module (or package) each (prompt template, loader, answer extraction, metric).
 
 Each module registers its task classes in :data:`tunelab.registry.TASKS` next to their definition;
 importing this package imports them all, by name.

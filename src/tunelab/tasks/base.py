@@ -1,8 +1,10 @@
 """The task contract: one file per task holds its prompt template, loader, answer extraction and metric.
 
-Training and evaluation both call :meth:`Task.build_prompt`, so the model is always asked the way
-it was taught. A task turns raw rows into :class:`Example` (prompt text, response text, reference)
-and scores completions with :meth:`Task.score`.
+A task turns raw rows into :class:`Example` (prompt text, response text, reference) and scores
+completions with :meth:`Task.score`. Training, evaluation and ``tunelab generate`` build prompts
+with the same hooks (``to_example`` builds on :meth:`Task.format_prompt`; a user's text goes
+through :meth:`Task.format_input`), so the model is always asked the way it was taught, and a new
+task needs no edit in the generation code.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ if TYPE_CHECKING:
     from tunelab.config import RunConfig, TaskConfig
 
 DATA_DIR_ENV = "TUNELAB_DATA_DIR"
+
+
+def nested_row(path: str, value: Any) -> dict:
+    """A row holding ``value`` at a (dotted) field path: {"a": {"b": value}} for "a.b"."""
+    out: Any = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
 
 
 @dataclass
@@ -125,13 +135,41 @@ class Task:
 
     skip_reason: ClassVar[str] = "lacked a prompt or a response"
 
-    # ---- per task ------------------------------------------------------------------------------
-    #: fields of a data row the prompt is built from; the first is what a single user input fills
+    # ---- prompts without a response (``tunelab generate``) ------------------------------------
+    #: fields of a data row the prompt is built from (dotted paths reach nested fields); a single
+    #: user input (--prompt, --interactive, --field) fills the first. () = the task does not say.
     input_fields: ClassVar[tuple[str, ...]] = ()
 
     def format_prompt(self, row: dict, tokenizer=None, max_prompt_tokens: int | None = None) -> str:
-        """The prompt for a row holding only the input fields (no response needed); to_example builds on it."""
-        raise NotImplementedError
+        """The prompt for a row holding only the input fields (no response needed), as eval builds it.
+
+        Tasks override it (and build to_example on it); this default asks to_example, so a task
+        whose rows need nothing but the prompt's fields works in ``tunelab generate`` as it is.
+        """
+        ex = self.to_example(row, 0, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
+        if ex is None:
+            raise ValueError(
+                f"task '{self.name}' could not build a prompt from this row (fields present: {sorted(row)}); "
+                f"give the row all of the task's fields, or use --field NAME --raw"
+            )
+        return ex.prompt
+
+    def format_input(self, text: str, tokenizer=None, max_prompt_tokens: int | None = None) -> str:
+        """The prompt for one user input (GSM8K: the question): it fills the single input field."""
+        fields = list(self.input_fields)
+        if not fields:
+            raise ValueError(
+                f"task '{self.name}' does not say which field a single prompt fills: use --raw (the text is the "
+                f"whole prompt), or --input with rows that hold the task's fields"
+            )
+        if len(fields) > 1:
+            raise ValueError(
+                f"task '{self.name}' builds its prompt from several fields {fields}: a single prompt fills only one; "
+                f"use --input with rows holding {fields}, or --raw"
+            )
+        return self.format_prompt(nested_row(fields[0], text), tokenizer, max_prompt_tokens)
+
+    # ---- per task ------------------------------------------------------------------------------
 
     def to_example(self, row: dict, idx: int, tokenizer=None, max_prompt_tokens: int | None = None) -> Example | None:
         raise NotImplementedError

@@ -87,13 +87,12 @@ class Gsm8kTask(Task):
     primary_metric = "accuracy_strict"
     example_metrics = {"accuracy_strict": "correct", "accuracy_flexible": "correct_flexible"}
     skip_reason = "lacked a question or an answer with '####'"
+    input_fields = ("question",)  # what `tunelab generate --prompt TEXT` fills
 
     def load_hub_rows(self, split: str) -> list[dict]:
         from datasets import load_dataset
 
         return [dict(r) for r in load_dataset(self.config.hub_id, "main", split=split)]
-
-    input_fields = ("question",)
 
     @staticmethod
     def build_prompt(question: str) -> str:

