@@ -291,6 +291,10 @@ def test_prepare_batch_happens_before_model_load(run, tmp_path):
     inp.write_text(json.dumps({"question": "a?"}) + "\n")
     out.write_text(json.dumps({"id": "zzz", "completion": "x"}) + "\n")
     gen = Generator(resolve_target(str(run), command="generate"), DecodeOptions())
+    with pytest.raises(ValueError, match="is not a tunelab generate output .*: it was left untouched"):
+        prepare_batch(gen, inp, out)  # no OUT.meta.json beside it: not ours
+    # an output tunelab wrote (its meta file beside it) for another input
+    (tmp_path / "out.jsonl.meta.json").write_text(json.dumps({"settings": {}, "input": "other.jsonl"}))
     with pytest.raises(ValueError, match="1 id\\(s\\) that are not in .* \\(e.g. 'zzz'\\): it belongs to another input"):
         prepare_batch(gen, inp, out)
     assert gen.model is None

@@ -54,7 +54,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     # simulate a crash after step 2: drop everything written after that checkpoint
     import shutil
 
-    for name in ("adapter", "results.json", "tokenizer"):
+    for name in ("adapter", "results.json", "tokenizer", "checkpoints/step-000004"):
         p = part / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert [c.name for c in (part / "checkpoints").iterdir()] == ["step-000002"]

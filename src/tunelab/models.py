@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from tunelab.config import ModelConfig
-from tunelab.utils import log
+from tunelab.utils import atomic_write_json, log, make_temp_dir
 
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
     "smollm2-135m": {
@@ -119,7 +118,7 @@ def _convert_gguf(folder: str, gguf_file: str, dest: Path) -> Path:
 
     log.info(f"converting {gguf_file} to a cached fp32 safetensors copy at {dest} (once, ~20 s)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -136,14 +135,39 @@ def _convert_gguf(folder: str, gguf_file: str, dest: Path) -> Path:
     return dest
 
 
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file, streamed; remembered beside the conversions by (path, size, mtime), so a file
+    is read again only when it changed."""
+    import hashlib
+    import json
+
+    stat = path.stat()
+    index_file = cache_root() / "models" / "hashes.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        index[key] = digest.hexdigest()
+        try:
+            atomic_write_json(index_file, index)
+        except OSError:  # a read-only cache still works, it only hashes again next time
+            pass
+    return index[key]
+
+
 def materialize(name: str) -> ModelSource:
     """Return a loadable source; GGUF files (built-in or local) become a cached safetensors folder."""
     src = resolve_model(name)
     if src.kind in ("builtin", "gguf"):
         gguf = builtin_gguf_path(name) if src.kind == "builtin" else Path(src.path) / src.gguf_file
-        stat = gguf.stat()
-        key = f"{gguf.stem}-{stat.st_size}"
-        dest = cache_root() / "models" / key
+        # keyed by content: two fine-tunes saved under one file name and size must not share a conversion
+        dest = cache_root() / "models" / f"{gguf.stem}-{content_hash(gguf)[:16]}"
         if not (dest / "config.json").is_file():
             _convert_gguf(str(gguf.parent), gguf.name, dest)
         return ModelSource("local", str(dest))
@@ -169,9 +193,21 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
     source = source or materialize(cfg.name)
-    tok = AutoTokenizer.from_pretrained(
-        source.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except OSError as exc:
+        if source.kind != "hub":
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "the Hub is off (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache" if offline else \
+            "it could not be downloaded (no network, a typo, or a gated/private repository without a token)"
+        raise FileNotFoundError(
+            f"model={cfg.name}: no local folder or .gguf file of that name, and {why}. Pass a local model folder "
+            f"(model=/path/to/model), a .gguf file, the built-in model=smollm2-135m, or download it first "
+            f"(huggingface-cli download {cfg.name})"
+        ) from exc
     if tok.pad_token is None:
         # Llama-style tokenizers ship no pad token; reuse EOS (its label positions are real EOS,
         # padded positions are masked by the attention mask and -100 labels).

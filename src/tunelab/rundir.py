@@ -11,8 +11,11 @@ Layout (names only here; every other module asks :class:`RunDir` for a path)::
     RUN/checkpoints/step-N/  resumable checkpoints
     RUN/eval/                results.json + predictions.jsonl of the latest evaluation
     RUN/merged/              `tunelab merge`: a plain Hugging Face model folder
+    RUN/.tunelab.json        marks a folder tunelab made, and of which kind (see claim_folder)
 
-:func:`resolve_target` is the one resolver of a command's RUN argument (``eval``, ``generate``,
+Ownership (one rule, :func:`claim_folder`): tunelab writes into a folder only if it is new or
+empty, a folder of the expected kind that tunelab made, or the user passed ``--overwrite``; and it
+deletes only what it wrote. :func:`resolve_target` is the one resolver of a command's RUN argument (``eval``, ``generate``,
 ``merge``): a trained run, a base run, a merged folder (which keeps its run's task and evaluation
 settings) or any Hugging Face model folder.
 """
@@ -225,6 +228,75 @@ def _read_json(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership: tunelab writes into a folder only if it is new or empty, a folder of the expected kind
+# that tunelab made (its marker), or the user passed --overwrite; it deletes only what it wrote.
+# --------------------------------------------------------------------------------------------
+
+MARKER_FILE = ".tunelab.json"
+
+
+_KIND_NAMES = {"run": "training run", "base": "base-model evaluation", "merged": "merged model",
+               "report": "report", "sweep-point": "sweep point"}
+
+
+class NotOurs(FileExistsError):
+    """A folder tunelab would write into holds files it did not make (or a run of another kind)."""
+
+
+def folder_kind(path: Path) -> Optional[str]:
+    """The kind tunelab recorded when it made ``path`` (run, base, merged, report, sweep-point), or None.
+
+    Run directories made before the marker existed count by their contents (config.yaml, BASE).
+    """
+    import json
+
+    marker = path / MARKER_FILE
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("kind")
+        except (OSError, ValueError):
+            return None
+    run = RunDir(path)
+    if run.is_run and _looks_like_run_config(run):
+        return "base" if run.is_base else "run"
+    return None
+
+
+def _looks_like_run_config(run: RunDir) -> bool:
+    """A config.yaml tunelab wrote holds the run's sections; a user's own config.yaml does not."""
+    try:
+        raw = run.raw_config()
+    except Exception:  # unreadable YAML: not one of ours
+        return False
+    return isinstance(raw, dict) and {"model", "task", "method", "train"} <= set(raw)
+
+
+def claim_folder(path: Path, kind: str, *, overwrite: bool = False, accept: tuple[str, ...] = ()) -> None:
+    """Make ``path`` a folder of ``kind`` that tunelab may write into, or refuse with the fix.
+
+    Allowed: ``path`` does not exist or is empty; it is a folder tunelab made as ``kind`` (or one of
+    ``accept``); or ``overwrite``. Refused: anything else, with what the folder holds. Nothing is
+    deleted here: a writer replaces only its own files.
+    """
+    import json
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotOurs(f"{path} is a file, not a folder: choose another output folder")
+    found = folder_kind(path) if path.is_dir() else None
+    empty = not path.exists() or not any(path.iterdir())
+    if not (empty or found == kind or found in accept or overwrite):
+        what = f"a {_KIND_NAMES.get(found, found)}" if found else f"files tunelab did not write ({RunDir(path).describe()})"
+        raise NotOurs(f"{path} already holds {what}: choose another folder, empty it, or pass --overwrite "
+                      f"to write the {_KIND_NAMES.get(kind, kind)} into it anyway (tunelab replaces only its own files)")
+    path.mkdir(parents=True, exist_ok=True)
+    if found != kind:
+        from tunelab.utils import atomic_write_text
+
+        atomic_write_text(path / MARKER_FILE, json.dumps({"kind": kind, "written_by": "tunelab"}) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

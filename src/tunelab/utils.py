@@ -19,22 +19,57 @@ import torch
 log = logging.getLogger("tunelab")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (a redirect or a test's capture
+    replaces it), not to the stream that was current when logging was set up."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[tunelab] %(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh staging folder in ``parent`` with the mode the umask gives (mkdtemp alone makes it 0700,
+    which colleagues on a shared file system cannot read once it is renamed into place)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    """Write via a temp file in the same folder + rename, so readers never see half a file.
+
+    The file gets the mode the umask gives, as ``open()`` would (mkstemp alone makes it 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -58,8 +93,21 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+def apply_umask(folder: Path) -> None:
+    """Give a staged folder and everything in it the modes the umask gives (libraries that write via
+    temp files, safetensors' among them, leave 0600), so colleagues on a shared file system can read it."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place; an older folder of that name is removed after."""
+    apply_umask(Path(tmp_dir))
     final_dir = Path(final_dir)
     if final_dir.exists():
         trash = final_dir.with_name(f".{final_dir.name}.old")
@@ -80,9 +128,20 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def iter_jsonl(path: Path):
-    """(line number, row) of each non-blank line; a malformed line raises ValueError naming file and line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """(line number, row) of each non-blank line; a malformed line raises ValueError naming file and line.
+
+    The file is read as UTF-8 (a leading byte-order mark is allowed); bytes that are not UTF-8
+    raise ValueError naming the file, the line and the position of the first bad byte.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                    f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 from tunelab.cli.common import Formatter
 from tunelab.config import ConfigError
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs and compare fine-tuning methods (LoRA, RoSA, GaLore, full) on real tasks.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: TUNELAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"tunelab.cli.{name}").add_cli(sub)
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    debug = args.debug or bool(os.environ.get("TUNELAB_DEBUG"))
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
@@ -69,12 +73,48 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: a word, not a traceback (commands that can resume say how)
         print(f"\ntunelab {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as exc:
-        if os.environ.get("TUNELAB_DEBUG"):
+    except EXPECTED_ERRORS as exc:
+        if debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"tunelab {args.command}: error: {msg}", file=sys.stderr)
+        print(f"tunelab {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug or an unforeseen fault: a short message, the traceback in a file
+        if debug:
+            raise
+        where = _write_traceback(args.command)
+        print(f"tunelab {args.command}: unexpected error: {type(exc).__name__}: {_one_line(exc)}\n"
+              f"  the full traceback is in {where} (or rerun with --debug); please include it in a bug report",
+              file=sys.stderr)
+        return 1
+
+
+#: faults whose message already names the fix (tunelab raises them so): printed as one line
+EXPECTED_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return str(msg)
+
+
+def _write_traceback(command: str) -> Path:
+    """The current exception's traceback in $TUNELAB_CACHE/errors/ (a temp folder when that is not writable)."""
+    import tempfile
+    import time
+    import traceback
+
+    from tunelab.models import cache_root
+
+    text = f"tunelab {command} ({time.strftime('%Y-%m-%d %H:%M:%S')}): {' '.join(sys.argv)}\n\n{traceback.format_exc()}"
+    for folder in (cache_root() / "errors", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"tunelab-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("(nowhere: no writable folder)")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.config import ConfigError
 from tunelab.experiments.report import compare_evals, format_comparison
 
 
 def cmd_compare(args) -> int:
+    if args.resamples < 1:
+        raise ConfigError([f"--resamples must be >= 1, got {args.resamples} (default 1000)"])
+    if args.seed < 0:
+        raise ConfigError([f"--seed must be >= 0, got {args.seed}"])
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError([f"--json {args.json} is a folder: give a file name (e.g. {Path(args.json) / 'compare.json'})"])
     cmp = compare_evals(Path(args.a), Path(args.b), args.metric, args.resamples, args.seed)
     print(format_comparison(cmp))
     if args.json:

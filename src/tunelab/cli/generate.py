@@ -42,7 +42,8 @@ def add_cli(sub) -> None:
                    "default: the task's own fields (gsm8k: question; with --raw: prompt)")
     p.add_argument("--id-field", help="--input field holding the row id (default: the task's task.id_field, else 'id'; "
                    "rows without it are numbered by row index, as eval numbers them)")
-    p.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
+    p.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it "
+                   "(also replaces a file that tunelab generate did not write)")
     p.add_argument("--base", action="store_true", help="the untrained base model of the config (task=NAME model=...)")
     p.add_argument("--config", "-c", help="YAML experiment file (with --base)")
     p.add_argument("--raw", action="store_true", help="use the text as the whole prompt (no task template, no task stopping rule)")

@@ -14,7 +14,10 @@ def add_cli(sub) -> None:
         "merged model's logits equal the adapter model's (refuses otherwise).",
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("--out", help="output folder (default RUN/merged)")
+    p.add_argument("--out", help="output folder (default RUN/merged): new, empty, or a merged folder tunelab made; "
+                   "never the run itself or one of its own folders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out folder that holds other files (only the merge's own files are replaced)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. model.device=cpu)")
     p.set_defaults(handler=cmd_merge)
 
@@ -29,5 +32,5 @@ def cmd_merge(args) -> int:
     run = RunDir(args.run)
     if not run.is_run:
         raise ConfigError([f"'{run.path}' is not a run directory (no {RunDir.CONFIG_FILE})"])
-    merge_run(run.config(args.overrides), run.path, Path(args.out) if args.out else None)
+    merge_run(run.config(args.overrides), run.path, Path(args.out) if args.out else None, overwrite=args.overwrite)
     return 0

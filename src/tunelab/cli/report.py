@@ -20,7 +20,8 @@ def _metric_overrides(items: list[str]) -> dict[str, str]:
 
 
 def cmd_report(args) -> int:
-    done = write_report([Path(p) for p in args.runs], Path(args.out), _metric_overrides(args.metric or []), args.title)
+    done = write_report([Path(p) for p in args.runs], Path(args.out), _metric_overrides(args.metric or []), args.title,
+                        overwrite=args.overwrite)
     log.info(f"{done['runs']} runs, tasks: {', '.join(done['tasks'])}; {len(done['figures'])} figures, "
              f"{len(done['omitted'])} left out (see report.md)")
     for note in done["notes"]:
@@ -37,7 +38,10 @@ def add_cli(sub) -> None:
         "time, tokens/s), the study's figures as PNGs, report.md, report.html and results.csv (one row per run).",
     )
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders holding run directories (searched recursively)")
-    p.add_argument("--out", required=True, metavar="REPORT", help="output folder (created)")
+    p.add_argument("--out", required=True, metavar="REPORT",
+                   help="output folder: new, empty, or a report tunelab wrote (its report files are replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into REPORT although it holds other files (only the report's own files are replaced)")
     p.add_argument("--metric", action="append", metavar="TASK=METRIC",
                    help="quality metric of a task instead of its primary one (repeatable)")
     p.add_argument("--title", default="tunelab report", help="report title")

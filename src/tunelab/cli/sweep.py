@@ -59,6 +59,13 @@ def cmd_sweep(args) -> int:
     except Interrupted as exc:
         log.warning(f"sweep stopped: {exc}; run the same command again to resume")
         return PREEMPT_EXIT_CODE
+    except OSError as exc:  # the sweep's own files (locks, bookkeeping) under out_dir
+        if exc.errno is None:
+            raise  # tunelab's own message, which names its fix
+        where = exc.filename or sweep.out_dir
+        raise RuntimeError(f"cannot write {where}: {exc.strerror or exc}: give the sweep a writable folder "
+                           f"with free space (--out-dir DIR, or out_dir: in {sweep.path}); finished points are kept"
+                           ) from None
     if summary.counts["done"] or summary.counts["skipped"]:
         log.info(f"report: tunelab report {sweep.out_dir} --out {sweep.out_dir}/report")
     return 0 if summary.ok else 1

@@ -20,6 +20,8 @@ def add_cli(sub) -> None:
     p.add_argument("--resume", metavar="RUN", nargs="?", const=True, default=False,
                    help="continue RUN (or out=) from its latest checkpoint with its saved config")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (DDP via torchrun)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an out= folder that holds files tunelab did not make (it replaces only its own)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(handler=cmd_train)
 
@@ -32,7 +34,7 @@ def cmd_train(args) -> int:
 
         return relaunch_under_torchrun(args.nproc, _rank_argv(args))
     if not args.resume:
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides), overwrite=args.overwrite)
         return 0
     run = RunDir(args.resume if isinstance(args.resume, str) else _out_override(args.overrides))
     if not run.is_run:
@@ -59,6 +61,8 @@ def _rank_argv(args) -> list[str]:
     if isinstance(args.resume, str):
         argv += ["--resume", args.resume]
     argv += list(args.overrides)
+    if args.overwrite:
+        argv.append("--overwrite")
     if args.resume is True:
         argv.append("--resume")  # last: a bare --resume must not swallow an override as its RUN
     return argv

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -140,14 +141,12 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             return _NO
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "7e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                return _NO
-        return _NO
+        try:  # YAML reads "7e-4" as a string
+            number = float(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            return _NO
+        # nan and inf are never a setting: lr=inf or epochs=inf would only fail later, deep in training
+        return number if number is not None and math.isfinite(number) else _NO
     if tp is str:
         return value if isinstance(value, str) else _NO
     if origin is list:
@@ -161,6 +160,13 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is dict:
         return dict(value) if isinstance(value, dict) else _NO
     return value
+
+
+def _is_non_finite(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def build_dataclass(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
@@ -187,7 +193,8 @@ def build_dataclass(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
             continue
         coerced = _coerce(value, tp)
         if coerced is _NO:
-            problems.append(f"'{full}' must be {_type_name(tp)}, got {value!r}")
+            finite = " (a finite number: nan and inf are not settings)" if _is_non_finite(value) else ""
+            problems.append(f"'{full}' must be {_type_name(tp)}{finite}, got {value!r}")
             continue
         kwargs[key] = coerced
     return cls(**kwargs)

@@ -109,7 +109,7 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
     logging_steps: int = opt(1, "Write a metrics line every this many optimizer steps.")
-    save_steps: int = opt(0, "Write a resumable checkpoint every this many optimizer steps (0 = only at the end).")
+    save_steps: int = opt(0, "Write a resumable checkpoint every this many optimizer steps, and always at the end (0 = only at the end).")
     keep_checkpoints: int = opt(2, "Keep this many most recent checkpoints.")
     report_to: list[str] = opt(
         factory=lambda: ["tensorboard"], help="Loggers besides metrics.jsonl: tensorboard, wandb, mlflow (or [])."

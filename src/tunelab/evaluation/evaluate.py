@@ -167,13 +167,14 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
             "examples": len(tokenized), "truncated": truncated, "dropped": dropped, "per_example": per_example}
 
 
-def evaluate_target(target: Target) -> dict[str, Any]:
+def evaluate_target(target: Target, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate a resolved RUN argument (:func:`tunelab.rundir.resolve_target`); the library side of `tunelab eval`.
 
-    ``--base`` (kind ``base-model``) first writes its run directory (config.yaml with method=base,
-    and the BASE marker), so the evaluation is a run like any other.
+    ``--base`` (kind ``base-model``) first makes its run directory (config.yaml with method=base,
+    and the BASE marker), so the evaluation is a run like any other; see :func:`claim_base_dir`.
     """
     if target.kind == "base-model":
+        claim_base_dir(Path(target.out), overwrite)
         target.cfg.out = str(target.out)
         run = RunDir(target.out)
         run.write_config(target.cfg)
@@ -181,3 +182,22 @@ def evaluate_target(target: Target) -> dict[str, Any]:
     if target.run is not None:
         return evaluate(target.cfg, target.run.path, target.run.path)
     return evaluate(target.cfg, None, Path(target.out), method_label=target.label)
+
+
+def claim_base_dir(out: Path, overwrite: bool = False) -> None:
+    """Check, before anything is written, that ``eval --base`` may make ``out`` a base-model evaluation.
+
+    Allowed: a new or empty folder, an earlier base evaluation, a sweep point (the sweep made it),
+    or, with ``overwrite``, any other folder that is not a training run. A training run is always
+    refused: its config.yaml is what makes its artifact usable.
+    """
+    from tunelab.rundir import NotOurs, claim_folder, folder_kind
+
+    kind = folder_kind(out) if out.is_dir() else None
+    if kind == "run":
+        raise NotOurs(
+            f"{out} is a training run: `eval --base` would replace its config.yaml; evaluate the run with "
+            f"`tunelab eval {out}`, or choose another out= for the base-model evaluation"
+        )
+    if kind != "sweep-point":  # a sweep point keeps its own marker
+        claim_folder(out, "base", overwrite=overwrite)

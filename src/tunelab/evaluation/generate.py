@@ -8,7 +8,8 @@ unmerged, a merged/plain HF folder, or the base model), the prompt is built by t
 
 Modes (the argparse side is :mod:`tunelab.cli.generate`): ``--prompt TEXT`` (streamed),
 ``--input IN.jsonl --output OUT.jsonl`` (batched, resumable: ids already in OUT are skipped, a
-half-written last line is dropped), and ``--interactive`` (keeps the model loaded; a prompt ends
+half-written last line is dropped; an existing OUT that tunelab did not write, with no
+``OUT.jsonl.meta.json`` beside it, is refused untouched unless ``--overwrite``), and ``--interactive`` (keeps the model loaded; a prompt ends
 with an empty line; Ctrl-C stops the current answer, Ctrl-D or Ctrl-C at the prompt quits).
 """
 
@@ -29,10 +30,10 @@ __all__ = [
     "InputItem",
     "interactive",
     "prepare_batch",
-    "read_done_ids",
     "read_input",
     "read_prompts",
     "run_batch",
+    "scan_output",
     "task_input_fields",
 ]
 
@@ -135,28 +136,45 @@ def _meta_path(output: Path) -> Path:
     return output.with_name(output.name + ".meta.json")
 
 
-def read_done_ids(output: Path) -> set[str]:
-    """Ids already written to ``output``; a half-written last line (a crash) is removed from the file."""
+def scan_output(output: Path) -> tuple[set[str], int]:
+    """(ids already written to ``output``, bytes of its whole lines); the file is not changed.
+
+    Only a file tunelab generate wrote is read (its ``OUT.jsonl.meta.json`` beside it); any other
+    non-empty file is refused untouched. A half-written last line (a crash) is left out of the
+    count: :func:`run_batch` cuts it off before appending.
+    """
+    meta = _meta_path(output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder: give a file name (e.g. {output / 'completions.jsonl'})")
     if not output.is_file():
-        return set()
+        return set(), 0
     data = output.read_bytes()
+    if data and not meta.is_file():
+        raise ValueError(
+            f"--output {output} already exists and is not a tunelab generate output (no {meta.name} beside it): "
+            f"it was left untouched; pass another --output, or --overwrite to replace it"
+        )
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning(f"{output}: dropping a half-written last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(output, "r+b") as fh:
-            fh.truncate(end)
     done: set[str] = set()
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(data[:end].split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.decode("utf-8"))
             done.add(str(rec["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(
                 f"{output}:{lineno}: not a line tunelab generate wrote; pass another --output, or --overwrite"
             ) from None
-    return done
+    return done, end
+
+
+def _meta_settings(meta: Path, output: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{meta} cannot be read ({exc}): pass --overwrite to start {output} afresh") from None
+    return loaded.get("settings", {}) if isinstance(loaded, dict) else {}
 
 
 @dataclass
@@ -169,11 +187,13 @@ class BatchJob:
     field: Optional[str]
     todo: list[int]  # indices into items not yet in the output
     settings: dict[str, Any]
+    #: bytes of whole lines in an earlier output (a half-written last line beyond them is cut off)
+    keep_bytes: int = 0
 
 
 def prepare_batch(gen: Generator, input_path: Path, output: Path, field: str | None = None,
                   id_field: str | None = None, overwrite: bool = False) -> BatchJob:
-    """Read and check the input and any earlier output (before the model is loaded)."""
+    """Read and check the input and any earlier output (before the model is loaded); nothing is written."""
     rows = read_input(input_path)
     id_field = id_field or getattr(gen.task.config, "id_field", None) or "id"
     if field is None and gen.raw:
@@ -182,10 +202,10 @@ def prepare_batch(gen: Generator, input_path: Path, output: Path, field: str | N
     items = input_items(input_path, rows, fields, id_field)
     settings = {**gen.settings(), "field": field}
     meta = _meta_path(output)
-    if overwrite:
+    if overwrite and not output.is_dir():
         output.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
-    done = read_done_ids(output)
+    done, keep = scan_output(output)
     if done:
         foreign = sorted(done - {it.id for it in items})
         if foreign:
@@ -194,7 +214,7 @@ def prepare_batch(gen: Generator, input_path: Path, output: Path, field: str | N
                 f"it belongs to another input; pass another --output, or --overwrite"
             )
         if meta.is_file():
-            before = json.loads(meta.read_text()).get("settings", {})
+            before = _meta_settings(meta, output)
             changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
             if changed:
                 shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -204,7 +224,16 @@ def prepare_batch(gen: Generator, input_path: Path, output: Path, field: str | N
                 )
         log.info(f"resuming {output}: {len(done)} of {len(items)} rows already done")
     todo = [i for i, it in enumerate(items) if it.id not in done]
-    return BatchJob(input_path, output, items, field, todo, settings)
+    return BatchJob(input_path, output, items, field, todo, settings, keep)
+
+
+def _cut_partial_line(output: Path, keep: int) -> None:
+    """Drop a half-written last line left by an interrupted run (only in a tunelab output: see scan_output)."""
+    if output.is_file() and output.stat().st_size > keep:
+        log.warning(f"{output}: dropping a half-written last line ({output.stat().st_size - keep} bytes) "
+                    f"left by an interrupted run")
+        with open(output, "r+b") as fh:
+            fh.truncate(keep)
 
 
 def _item_prompt(gen: Generator, item: InputItem, field: str | None) -> str:
@@ -219,6 +248,7 @@ def run_batch(gen: Generator, job: BatchJob, progress: bool = True) -> int:
     output, items = job.output, job.items
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(_meta_path(output), {"settings": job.settings, "input": str(job.input_path)})
+    _cut_partial_line(output, job.keep_bytes)
     if not job.todo:
         log.info(f"{output}: all {len(items)} rows already done")
         return 0

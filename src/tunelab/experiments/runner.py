@@ -1,11 +1,12 @@
 """Running sweep points: bring each to done, record failures, summarise the sweep.
 
-A point's run directory is prepared (a superseded run or evaluation moved aside, the bookkeeping
-of :mod:`tunelab.experiments.state` written), then the stages it still needs run in order
-(:mod:`tunelab.experiments.stages`): training (resumed from its latest checkpoint when it left
-one), then evaluation. A stage that fails writes ``RUN/FAILED`` and the other points still run;
-the next run of the sweep retries the point. A preempted stage (:class:`Interrupted`) stops the
-sweep; the point stays pending.
+A point's run directory is prepared (a superseded run or evaluation moved aside, the folder
+claimed, the bookkeeping of :mod:`tunelab.experiments.state` written), then the stages it still
+needs run in order (:mod:`tunelab.experiments.stages`): training (resumed from its latest
+checkpoint when it left one), then evaluation. A folder holding files tunelab did not write is
+never touched: the point is reported as a conflict with the fix. A stage that fails writes
+``RUN/FAILED`` and the other points still run; the next run of the sweep retries the point. A
+preempted stage (:class:`Interrupted`) stops the sweep; the point stays pending.
 
 Launchers run one point per job with ``tunelab sweep FILE --point I`` (:func:`point_command`, one
 SLURM array task per index from :func:`~tunelab.experiments.state.pending_indices`).
@@ -13,6 +14,7 @@ SLURM array task per index from :func:`~tunelab.experiments.state.pending_indice
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import time
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from tunelab.experiments.spec import Sweep, SweepPoint
-from tunelab.experiments.stages import Interrupted, Stage, error_line, resume_stage, run_stage, stage_commands, tail
+from tunelab.experiments.stages import Interrupted, Stage, failure_line, resume_stage, run_stage, stage_commands, tail
 from tunelab.experiments.state import (
     CONFIG_FILE,
     FAILED_FILE,
@@ -31,15 +33,18 @@ from tunelab.experiments.state import (
     STATE_FILE,
     SUPERSEDED_DIR,
     checkpoint_steps,
+    folder_kind_for,
     lock_path,
     now,
+    partial_run_outputs,
     point_lock,
     point_status,
     read_json,
     train_part,
     write_json,
 )
-from tunelab.rundir import RunDir
+from tunelab.rundir import NotOurs, RunDir, claim_folder
+from tunelab.utils import atomic_write_text
 
 
 class StageFailed(Exception):
@@ -60,12 +65,21 @@ def point_command(sweep: Sweep, index: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def free_name(path: Path) -> Path:
+    """``path``, or ``path-<time>[-N]`` when that is taken: a superseded folder never lands in (or on) another."""
+    if not path.exists():
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = path.with_name(f"{path.name}-{stamp}"), 2
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{stamp}-{n}"), n + 1
+    return candidate
+
+
 def _move_aside(src: Path, dest_dir: Path, tag: str) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{src.name}-{tag}"
-    if dest.exists():
-        dest = dest_dir / f"{src.name}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.move(str(src), str(dest))
+    dest = free_name(dest_dir / f"{src.name}-{tag}")
+    os.rename(src, dest)  # one file system (both under out_dir); never merges into an existing folder
     return dest
 
 
@@ -78,20 +92,26 @@ def _set_aside_stale(sweep: Sweep, point: SweepPoint, stale_train: bool, stale_e
         say(f"  [{point.index}] {point.name}: config changed; previous run kept at {moved}")
         return {}
     if stale_eval:
-        old_eval = run.path / f"{RunDir.EVAL_DIR}.superseded-{str(meta.get('eval_hash', 'old'))[:8]}"
-        if old_eval.exists():
-            old_eval = old_eval.with_name(f"{old_eval.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run.eval_dir.rename(old_eval)
+        tag = str(meta.get("eval_hash", "old"))[:8]
+        run.eval_dir.rename(free_name(run.path / f"{RunDir.EVAL_DIR}.superseded-{tag}"))
     return meta
+
+
+def _claim(point: SweepPoint) -> None:
+    """Claim the point's folder as the run its commands make; raises NotOurs for a folder that is not the sweep's.
+
+    A folder holding this sweep's bookkeeping (point_status checked it is this sweep's) is claimed
+    even when an older tunelab made it without the marker.
+    """
+    ours = (point.run_dir / STATE_FILE).is_file()
+    claim_folder(point.run_dir, folder_kind_for(point), overwrite=ours)
 
 
 def _start_attempt(sweep: Sweep, point: SweepPoint, meta: dict, in_process: bool) -> tuple[dict, dict]:
     """Write sweep_config.yaml and sweep_point.json with a new attempt; returns (state, attempt)."""
     run = point.run_dir
-    run.mkdir(parents=True, exist_ok=True)
     (run / FAILED_FILE).unlink(missing_ok=True)
-    with open(run / CONFIG_FILE, "w") as fh:
-        yaml.safe_dump(point.config, fh, sort_keys=False)
+    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(point.config, sort_keys=False))
     attempts = list(meta.get("attempts", []))
     attempt: dict[str, Any] = {"started": now(), "executor": "in-process" if in_process else "subprocess", "stages": {}}
     attempts.append(attempt)
@@ -114,10 +134,9 @@ def _stages_to_run(point: SweepPoint) -> list[Stage]:
         if checkpoint_steps(run.path):
             stages.append(resume_stage(run.path))
         else:
-            # started before but left no checkpoint: clear the partial run and start over
-            for child in run.path.iterdir():
-                if child.name not in (STATE_FILE, CONFIG_FILE, LOG_FILE):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            # started before but left no checkpoint: remove what that attempt wrote (only that) and start over
+            for child in partial_run_outputs(run.path, point.method):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
             stages.append(fresh[0])
     if stages or not run.is_evaluated:
         stages.append(fresh[-1])
@@ -139,11 +158,12 @@ def _run_stages(point: SweepPoint, stages: list[Stage], state: dict, attempt: di
             attempt["stages"][stage.name] = {"rc": rc, "seconds": round(time.time() - t0, 2)}
             write_json(run / STATE_FILE, state)
             if rc != 0:
-                raise StageFailed(stage.name, rc, error_line(text), ["tunelab", *stage.argv], tail(text))
+                raise StageFailed(stage.name, rc, failure_line(rc, text), ["tunelab", *stage.argv], tail(text))
 
 
 def _write_failed(run: Path, exc: StageFailed) -> None:
-    (run / FAILED_FILE).write_text(
+    atomic_write_text(
+        run / FAILED_FILE,
         f"stage: {exc.stage}\nerror: {exc.error}\nexit code: {exc.rc}\ncommand: {shlex.join(exc.command)}\n"
         f"log: {run / LOG_FILE}\ntime: {now()}\n--- last lines of the log ---\n{exc.tail}\n"
     )
@@ -170,6 +190,11 @@ def run_point(sweep: Sweep, point: SweepPoint, *, in_process: bool = False, echo
             say(f"  [{point.index}] {point.name}: not run: {status.detail}")
             return "conflict"
         meta = _set_aside_stale(sweep, point, status.stale_train, status.stale_eval, say)
+        try:
+            _claim(point)
+        except NotOurs as exc:
+            say(f"  [{point.index}] {point.name}: not run: {exc}")
+            return "conflict"
         state, attempt = _start_attempt(sweep, point, meta, in_process)
         try:
             _run_stages(point, _stages_to_run(point), state, attempt, in_process=in_process, echo=echo, say=say)

@@ -100,12 +100,52 @@ def tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
 
 
+_CLI_MESSAGE = re.compile(r"^tunelab \w+: ")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Diverged|Interrupt)\b")
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _one_line(head: str, more: list[str], limit: int = 12) -> str:
+    """A message and its continuation lines (a config error's problems, a multi-line exception) on one line."""
+    parts = [head.strip()] + [m.strip() for m in more[:limit]]
+    return " ".join(parts) + (f" (+{len(more) - limit} more lines, see the log)" if len(more) > limit else "")
+
+
 def error_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    """The error a stage's output ends with, on one line: the CLI's message with what follows it (a
+    config error's problems), or the exception a traceback ends with (module path dropped)."""
+    lines = [ln.rstrip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    if not lines:
+        return "(no output)"
+    cli = max((i for i, ln in enumerate(lines) if _CLI_MESSAGE.match(ln)), default=-1)
+    trace = max((i for i, ln in enumerate(lines) if ln.strip() == _TRACEBACK), default=-1)
+    if cli > trace:
+        more = [ln for ln in lines[cli + 1:] if ln[:1].isspace()]
+        return _one_line(lines[cli], more)
+    if trace >= 0:
+        rest = lines[trace + 1:]
+        first = next((i for i, ln in enumerate(rest) if not ln[:1].isspace()), None)
+        if first is not None:
+            # the exception's class without its module: tunelab.rundir.NotOurs: ... -> NotOurs: ...
+            head = re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*:)", "", rest[first])
+            return _one_line(head, rest[first + 1:])
     for line in reversed(lines):
-        if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Diverged|Interrupt)\b|tunelab \w+: )", line):
-            return line
-    return lines[-1] if lines else "(no output)"
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return lines[-1].strip()
+
+
+def failure_line(rc: int, text: str) -> str:
+    """What a failed stage's FAILED file and the sweep's output say: its error, or the signal that killed it."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = (" (often the out-of-memory killer: lower train.batch_size or data.max_length, or give the job "
+                "more memory)") if -rc == signal.SIGKILL else ""
+        return f"the command was killed by {name}{hint}; run the sweep again to retry the point"
+    return error_line(text)
 
 
 def _run_subprocess(argv: list[str], log_fh, echo: bool) -> tuple[int, str]:

@@ -15,6 +15,13 @@ Bookkeeping inside each run directory (next to what ``tunelab train`` / ``eval``
 - ``FAILED``: written when a stage fails: the stage, the error, the command and the end of the
   log. The next ``tunelab sweep`` retries the point.
 
+Ownership (:func:`tunelab.rundir.claim_folder`): a point's folder is claimed as the kind of run it
+holds (``run``, or ``base`` for a baseline), so ``tunelab train`` / ``eval --base`` accept it. The
+sweep writes only into a new or empty folder, or one that holds its bookkeeping; a folder with
+files tunelab did not write is never wiped or moved: the point is blocked (a ``conflict``) with the
+fix. Restarting a point that left no checkpoint removes only what training writes
+(:func:`partial_run_outputs`); files a user put beside them stay.
+
 A lock file per point (``<out_dir>/.locks/<name>.lock``, an ``fcntl.flock``: the kernel drops it
 when its process dies, so a killed job never leaves a stale lock) keeps two processes (two
 job-array tasks, or a task and a user) from running the same point at once.
@@ -24,14 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 
-from tunelab.rundir import RunDir
+from tunelab.rundir import MARKER_FILE, RunDir, folder_kind
+from tunelab.utils import atomic_write_text
 
 if TYPE_CHECKING:
     from tunelab.experiments.spec import Sweep, SweepPoint
@@ -102,9 +109,8 @@ def read_json(path: Path) -> Optional[dict]:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Atomically, with the mode the umask gives (colleagues on a shared file system can read it)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def now() -> str:
@@ -125,6 +131,50 @@ def failed_error(path: Path) -> str:
         return path.read_text().splitlines()[0]
     except (OSError, IndexError):
         return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership: what the sweep may write into, and what it may remove
+# --------------------------------------------------------------------------------------------
+
+#: the files the sweep itself writes into a point's folder
+BOOKKEEPING = frozenset({MARKER_FILE, STATE_FILE, CONFIG_FILE, LOG_FILE, FAILED_FILE})
+#: what training writes into its run folder besides the method's artifact (removed when a point starts over)
+TRAIN_OUTPUTS = frozenset({RunDir.CONFIG_FILE, RunDir.METRICS_FILE, RunDir.RESULTS_FILE, RunDir.TOKENIZER_DIR,
+                           RunDir.CHECKPOINTS_DIR, RunDir.EVAL_DIR, "tensorboard", "wandb"})
+
+
+def folder_kind_for(point: "SweepPoint") -> str:
+    """The kind a point's folder is claimed as (:func:`tunelab.rundir.claim_folder`): what its commands make."""
+    return "base" if point.kind == "base" else "run"
+
+
+def partial_run_outputs(run: Path, method: str) -> list[Path]:
+    """What an unfinished training attempt wrote in ``run``: removed before it starts over (nothing else is)."""
+    from tunelab.registry import METHODS
+
+    names = set(TRAIN_OUTPUTS)
+    artifact = METHODS.get(method).artifact_dir if method in METHODS else None
+    if artifact:
+        names.add(artifact)
+    return sorted(p for p in run.iterdir() if p.name in names or p.name.startswith(".artifact-"))
+
+
+def _is_bookkeeping(name: str) -> bool:
+    return name in BOOKKEEPING or (name.startswith(".") and name.endswith(".tmp"))  # an atomic write's temp file
+
+
+def _not_this_sweeps(sweep: "Sweep", point: "SweepPoint", run: RunDir) -> Optional[PointStatus]:
+    """For a folder without readable bookkeeping: why the sweep must not touch it (None: it made it and may)."""
+    fix = f"move it away, or give this sweep another out_dir (--out-dir DIR, or out_dir: in {sweep.path})"
+    if run.is_run:
+        return PointStatus("conflict", f"{run.path} holds a run this sweep did not start (no {STATE_FILE}): {fix}")
+    entries = [p.name for p in run.path.iterdir()]
+    if folder_kind(run.path) == folder_kind_for(point) and all(_is_bookkeeping(n) for n in entries):
+        return None  # claimed by an earlier attempt that stopped before its bookkeeping was written
+    return PointStatus("conflict", f"blocked: {run.path} holds files tunelab did not write ({run.describe()}); "
+                       f"nothing there is touched: move those files away, or give this sweep another out_dir "
+                       f"(--out-dir DIR, or out_dir: in {sweep.path})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,17 +267,16 @@ def _train_change(sweep: "Sweep", point: "SweepPoint", meta: dict) -> Optional[P
 def point_status(sweep: "Sweep", point: "SweepPoint", check_lock: bool = True) -> PointStatus:
     """done / failed / pending / running / conflict, with a one-line detail."""
     run = RunDir(point.run_dir)
+    if run.path.exists() and not run.path.is_dir():
+        return PointStatus("conflict", f"blocked: {run.path} is a file, not a folder: move it away, or give this "
+                           f"sweep another out_dir (--out-dir DIR, or out_dir: in {sweep.path})")
     if check_lock and is_locked(lock_path(sweep, point)):
         return PointStatus("running", "another process holds this point's lock")
     if not run.path.is_dir() or not any(run.path.iterdir()):
         return PointStatus("pending", "not started")
     meta = read_json(run.path / STATE_FILE)
     if meta is None:
-        if run.is_run:
-            return PointStatus(
-                "conflict", f"{run.path} holds a run this sweep did not start (no {STATE_FILE}): move it away or set another out_dir"
-            )
-        return PointStatus("pending", "not started")
+        return _not_this_sweeps(sweep, point, run) or PointStatus("pending", "not started")
     changed = _train_change(sweep, point, meta)
     if changed is not None:
         return changed

@@ -29,6 +29,11 @@ def read_records(record_dir: Path) -> dict:
 
 
 def log_path(pattern: Path, job_id: str, task: Optional[str] = None) -> str:
-    """A job's log file from sbatch's ``--output`` pattern (``%j``, ``%A``; ``%a``: the array task or ``*``)."""
-    text = str(pattern).replace("%A", job_id).replace("%j", job_id)
-    return text.replace("%a", task if task is not None else "*")
+    """A job's log file from sbatch's ``--output`` pattern (``%j``, ``%A``; ``%a``: the array task or ``*``).
+
+    Only the file name is tunelab's pattern: a ``%`` in the folder is the folder's own (the script
+    writes it as ``%%``, which SLURM reads as a plain ``%``).
+    """
+    pattern = Path(pattern)
+    name = pattern.name.replace("%A", job_id).replace("%j", job_id)
+    return str(pattern.with_name(name.replace("%a", task if task is not None else "*")))

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from tunelab.config import ConfigError, RunConfig, opt
+from tunelab.launch.quoting import option_problem, path_problem, text_problem
 
 
 @dataclass
@@ -125,15 +126,6 @@ def parse_time(text: str) -> int:
     return total
 
 
-def sbatch_path_problem(key: str, value: str) -> Optional[str]:
-    """sbatch directives take paths in double quotes: refuse what cannot be written there."""
-    bad = [c for c in ('"', "\n", "\r", "\0", "%", "\\") if c in value]
-    if bad:
-        return (f"{key} '{value}' contains {', '.join(repr(c) for c in bad)}, which cannot appear in an #SBATCH "
-                f"path (SLURM expands % patterns): choose a folder without them")
-    return None
-
-
 def validate_slurm(s: SlurmConfig, kind: str = "train") -> list[str]:
     """Every problem of the SLURM settings, each with its fix (empty when fine)."""
     p: list[str] = []
@@ -143,11 +135,14 @@ def validate_slurm(s: SlurmConfig, kind: str = "train") -> list[str]:
         value = getattr(s, key)
         if value is not None and not rx.fullmatch(value):
             p.append(
-                f"slurm.{key} '{value}' contains characters SLURM does not allow there (spaces, quotes, shell "
+                f"slurm.{key} {value!r} contains characters SLURM does not allow there (spaces, quotes, shell "
                 f"metacharacters or newlines): use the plain name as `sinfo`/`sacctmgr` show it"
             )
     try:
         limit = parse_time(s.time)
+        time_problem = option_problem("slurm.time", str(s.time), f"use {_TIME_FORMATS}")
+        if time_problem:
+            p.append(time_problem)
     except ValueError as exc:
         p.append(str(exc))
         limit = None
@@ -167,7 +162,7 @@ def validate_slurm(s: SlurmConfig, kind: str = "train") -> list[str]:
     if s.cpus_per_task is not None and s.cpus_per_task < 1:
         p.append(f"slurm.cpus_per_task must be >= 1, got {s.cpus_per_task}")
     if s.mem is not None and not _MEM_RE.fullmatch(str(s.mem)):
-        p.append(f"slurm.mem '{s.mem}' must be a number with an optional K, M, G or T suffix (e.g. 32G)")
+        p.append(f"slurm.mem {str(s.mem)!r} must be a number with an optional K, M, G or T suffix (e.g. 32G)")
     if s.signal_seconds < 0:
         p.append(f"slurm.signal_seconds must be >= 0, got {s.signal_seconds}")
     elif limit is not None and s.signal_seconds and s.signal_seconds >= limit:
@@ -187,31 +182,28 @@ def validate_slurm(s: SlurmConfig, kind: str = "train") -> list[str]:
 
 
 def _script_text_problems(s: SlurmConfig) -> list[str]:
-    """The settings written into the script as text: log folder, extra options, setup lines, python."""
+    """The settings written into the script as text (log folder, extra options, setup lines, python),
+    through the same checks the script renderer applies (:mod:`.quoting`)."""
     p: list[str] = []
     if s.log_dir is not None:
-        problem = sbatch_path_problem("slurm.log_dir", s.log_dir)
-        if problem:
-            p.append(problem)
-    for item in s.extra:
+        p.append(path_problem("slurm.log_dir", str(s.log_dir), "choose a log folder without them"))
+    for i, item in enumerate(s.extra):
         text = str(item)
-        if not text.startswith("-") or any(ch.isspace() for ch in text) or '"' in text or "'" in text:
-            p.append(
-                f"slurm.extra item {text!r} must be one sbatch option without spaces or quotes, e.g. "
-                f"'--mail-type=END' (one list item per option)"
-            )
+        if option_problem(f"slurm.extra[{i}]", text, "") or not text.startswith("-"):
+            p.append(f"slurm.extra item {text!r} must be one sbatch option without spaces, quotes, backslashes, "
+                     f"'#' or control characters, e.g. '--mail-type=END' (one list item per option)")
             continue
         name = text.split("=", 1)[0]
         if name in MANAGED_OPTIONS:
             p.append(f"slurm.extra {text!r}: tunelab sets {name} itself; use slurm.{MANAGED_OPTIONS[name]}"
                      if not MANAGED_OPTIONS[name].startswith("(") else
                      f"slurm.extra {text!r}: tunelab sets {name} itself {MANAGED_OPTIONS[name]}")
-    for line in s.setup:
-        if "\0" in str(line):
-            p.append("slurm.setup lines must not contain NUL characters")
-    if s.python is not None and ("\n" in s.python or not s.python.strip()):
-        p.append(f"slurm.python must be one interpreter path or name, got {s.python!r}")
-    return p
+    for i, line in enumerate(s.setup):
+        p.append(text_problem(f"slurm.setup[{i}]", str(line), "write one shell line per slurm.setup item"))
+    if s.python is not None:
+        p.append(text_problem("slurm.python", str(s.python), "give one interpreter path or name")
+                 or (None if str(s.python).strip() else "slurm.python must be an interpreter path or name, got ''"))
+    return [x for x in p if x]
 
 
 def _kind_problems(s: SlurmConfig, kind: str) -> list[str]:

@@ -23,9 +23,10 @@ from typing import Optional
 import yaml
 
 from tunelab.config import ConfigError, RunConfig, load_config
+from tunelab.launch.quoting import ARRAY_TASK_ID, path_problem, refuse, text_problem
 from tunelab.launch.records import JOBS_DIR, RECORD_FILE, log_path, read_records
 from tunelab.launch.script import JobSpec, render_script
-from tunelab.launch.slurm_config import SlurmConfig, sbatch_path_problem, validate_slurm, world_size
+from tunelab.launch.slurm_config import SlurmConfig, validate_slurm, world_size
 from tunelab.launch.status import TERMINAL_STATES, job_states
 from tunelab.rundir import RunDir
 from tunelab.utils import atomic_write_json, atomic_write_text
@@ -101,7 +102,8 @@ def _record(sub: Submission, job_id: str, cluster: Optional[str], argv: list[str
         "sbatch": argv,
         "dependency": dep,
         "array": sub.spec.array,
-        "log": log_path(sub.spec.log, job_id) if not sub.spec.array else str(sub.spec.log).replace("%A", job_id),
+        "log": log_path(sub.spec.log, job_id) if not sub.spec.array else str(sub.spec.log.with_name(
+            sub.spec.log.name.replace("%A", job_id))),
         "script_path": str(sub.spec.script_path),
         "script": sub.script,
         **sub.extra_record,
@@ -175,9 +177,7 @@ def _say_follow(record_dir: Path, subs: list[Submission], say) -> None:
 def _workdir() -> Path:
     """The job's working directory (--chdir): where `tunelab submit` runs, so relative paths mean the same."""
     cwd = Path.cwd().absolute()
-    problem = sbatch_path_problem("the current directory", str(cwd))
-    if problem:
-        raise ConfigError([problem + " (or submit from another directory)"])
+    refuse(path_problem("the current directory", str(cwd), "submit from another directory", pattern=False))
     return cwd
 
 
@@ -229,9 +229,8 @@ def submit_train(cfg: RunConfig, s: SlurmConfig, *, then_eval: bool = False, eva
         raise ConfigError(problems)
     run = RunDir((Path(cfg.out) if cfg.out else RunDir.default_for(cfg).path).absolute())
     run_dir = run.path
-    problem = sbatch_path_problem("out", str(run_dir))
-    if problem:
-        raise ConfigError([problem])
+    # The paths and texts are checked as the script renderer checks them (:mod:`.quoting`), before writing.
+    refuse(path_problem("out (the run directory)", str(run_dir), "choose an out= folder without them"))
     cfg.out = str(run_dir)
     model = cfg.model.name
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
@@ -280,6 +279,9 @@ def submit_eval(target: Path, s: SlurmConfig, overrides: list[str], *, dry_run: 
     if problems:
         raise ConfigError(problems)
     run = RunDir(target.absolute())
+    refuse(path_problem("RUN (the run directory to evaluate)", str(run.path),
+                        "rename the run directory without them (mv), then submit its evaluation"),
+           *[text_problem(f"override {o!r}", o, "write one key=value per override, on one line") for o in overrides])
     if not run.is_run:
         raise ConfigError([f"'{target}' is not a run directory (no {RunDir.CONFIG_FILE}): submit its training first, "
                            f"or `tunelab submit train ... --then-eval`"])
@@ -320,7 +322,7 @@ def _array_point_argv(sw, file: Path, out: Path, first: int) -> list[str]:
 
     point_argv = point_command(sw, first)[1:]  # ["sweep", FILE, "--point", "I", "--out-dir", D]
     i = point_argv.index("--point")
-    point_argv[i + 1] = "$SLURM_ARRAY_TASK_ID"
+    point_argv[i + 1] = ARRAY_TASK_ID
     point_argv = [str(file) if a == str(sw.path) else a for a in point_argv]
     if "--out-dir" in point_argv:
         point_argv[point_argv.index("--out-dir") + 1] = str(out)
@@ -354,9 +356,8 @@ def submit_sweep(file: Path, s: SlurmConfig, *, out_dir: Optional[str] = None, r
     file = file.absolute()
     sw = load_sweep(file, out_dir=out_dir)
     out = Path(sw.out_dir).absolute()
-    problem = sbatch_path_problem("the sweep's out_dir", str(out))
-    if problem:
-        raise ConfigError([problem])
+    refuse(path_problem("the sweep's out_dir", str(out), "choose an out_dir (or --out-dir) without them"),
+           text_problem("the sweep file's path", str(file), "move or rename the sweep file"))
     pending = pending_indices(sw)
     if not pending:
         say(f"sweep '{sw.name}': every point is done ({len(sw.points)} points in {out}); nothing to submit")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tunelab.utils import log, read_jsonl
+from tunelab.utils import iter_jsonl, log
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig, TaskConfig
@@ -96,7 +96,27 @@ class Task:
         if not path.is_file():
             have = sorted(p.name for p in folder.glob("*.jsonl"))
             raise FileNotFoundError(f"{path} does not exist (the folder has: {', '.join(have) or 'no .jsonl files'})")
-        return read_jsonl(path)
+        return self.read_rows(path)
+
+    def read_rows(self, path: Path) -> list[dict]:
+        """The rows of a JSONL file, each checked by :meth:`check_row`; problems name file:line (up to 5 shown)."""
+        rows, problems = [], []
+        for lineno, row in iter_jsonl(path):
+            problem = self.check_row(row)
+            if problem:
+                problems.append(f"{path}:{lineno}: {problem}")
+            rows.append(row)
+        if problems:
+            shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"{len(problems)} row(s) of {path} cannot be used by task '{self.name}':\n  {shown}")
+        return rows
+
+    def check_row(self, row: dict) -> str | None:
+        """What is wrong with a data row (a field of the wrong type, ...), or None; tasks override it.
+
+        Rows the task merely skips (an empty field) are not problems: :meth:`examples` counts them.
+        """
+        return None
 
     def load_rows(self, split: str) -> list[dict]:
         """Raw rows of a split: from the local folder when configured, else from the Hub."""
@@ -105,7 +125,7 @@ class Task:
             return self.read_local_split(folder, split)
         try:
             return self.load_hub_rows(split)
-        except ConnectionError as exc:
+        except ConnectionError as exc:  # a task's own Hub loader (the built-in ones use hub_dataset)
             raise FileNotFoundError(
                 f"task '{self.name}': the Hub dataset could not be reached ({exc}); work offline by "
                 f"setting ${DATA_DIR_ENV} (a folder with {self.data_subdir or '<task>'}/train.jsonl, test.jsonl) "
@@ -116,6 +136,29 @@ class Task:
         raise FileNotFoundError(
             f"task '{self.name}' has no Hub source: set task.data_dir or ${DATA_DIR_ENV}"
         )
+
+    def hub_dataset(self, hub_id: str | None, hub_config: str | None, split: str) -> list[dict]:
+        """The rows of ``split`` of a Hub dataset; any failure (offline, unknown id, no network) names what to set."""
+        local = (f"task.data_dir=FOLDER (with {split}.jsonl), or ${DATA_DIR_ENV}=ROOT (with "
+                 f"{self.data_subdir}/train.jsonl, test.jsonl)" if self.data_subdir else
+                 f"task.data_dir=FOLDER (with {split}.jsonl)")
+        if not hub_id:
+            raise FileNotFoundError(f"task '{self.name}' has no data: set {local}, or task.hub_id=DATASET")
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(hub_id, hub_config, split=split)
+        except Exception as exc:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError, ...)
+            offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                          for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+            why = ("offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), so only datasets already in the "
+                   "Hugging Face cache load" if offline else "check task.hub_id and the network")
+            raise FileNotFoundError(
+                f"task '{self.name}': cannot load split '{split}' of the Hub dataset '{hub_id}' "
+                f"({exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
+                f"{why}. Use local data: set {local}"
+            ) from exc
+        return [dict(r) for r in ds]
 
     def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None) -> list[Example]:
         """Rows → Examples; rows the task cannot use are skipped and counted in the log."""

@@ -90,9 +90,14 @@ class Gsm8kTask(Task):
     input_fields = ("question",)  # what `tunelab generate --prompt TEXT` fills
 
     def load_hub_rows(self, split: str) -> list[dict]:
-        from datasets import load_dataset
+        return self.hub_dataset(self.config.hub_id, "main", split)
 
-        return [dict(r) for r in load_dataset(self.config.hub_id, "main", split=split)]
+    def check_row(self, row):
+        wrong = [f for f in ("question", "answer") if row.get(f) is not None and not isinstance(row[f], str)]
+        if wrong:
+            return (f"field '{wrong[0]}' is {type(row[wrong[0]]).__name__}, not a string: "
+                    f"write it as a JSON string (GSM8K rows are {{\"question\": \"...\", \"answer\": \"... #### N\"}})")
+        return None
 
     @staticmethod
     def build_prompt(question: str) -> str:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,8 +39,8 @@ from tunelab.loss import TargetPositionSelector, target_loss
 from tunelab.methods import Method, TrainState
 from tunelab.models import load_model, load_tokenizer, materialize
 from tunelab.registry import METHODS, TASKS
-from tunelab.rundir import RunDir
-from tunelab.train.checkpoint import Checkpointer, drop_metrics_after
+from tunelab.rundir import RunDir, claim_folder
+from tunelab.train.checkpoint import Checkpointer, drop_metrics_after, remove_stale_staging, saving
 from tunelab.train.loggers import MetricLoggers
 from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
 from tunelab.train.schedule import count_steps, lr_lambda
@@ -48,6 +48,7 @@ from tunelab.train.signals import Preempted, catch_stop_signals
 from tunelab.utils import (
     atomic_replace_dir,
     count_params,
+    make_temp_dir,
     git_info,
     log,
     package_versions,
@@ -61,10 +62,14 @@ class TrainingDiverged(RuntimeError):
     """Loss became NaN/inf; the last good state was saved."""
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Train one run; returns results.json's content. The run directory is ``cfg.out``."""
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train one run; returns results.json's content. The run directory is ``cfg.out``.
+
+    ``overwrite`` lets it write into a folder that holds files tunelab did not make (see
+    :func:`tunelab.rundir.claim_folder`); tunelab then replaces only its own files there.
+    """
     with one_process_group(cfg.train.parallelism == "deepspeed", cfg.model.device):
-        trainer = Trainer(cfg, resume)
+        trainer = Trainer(cfg, resume, overwrite)
         trainer.setup()
         return trainer.fit()
 
@@ -72,13 +77,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 class Trainer:
     """Trains ``cfg``'s method on its task; ``resume`` continues the run's newest checkpoint."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.t_start = time.time()
         self.train_time_s = 0.0
         self.tokens_seen = self.target_tokens_seen = 0
         self.window_loss = self.window_tokens = 0.0
         self.last_loss = float("nan")
+        self.diverged_what: Optional[str] = None  # what stopped a diverged run, for its message
 
     # ---- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -105,12 +111,16 @@ class Trainer:
         cfg.out = str(self.run.path)
         if not self.procs.is_main:
             return
-        if self.run.is_trained and not self.resume:
-            raise FileExistsError(
-                f"{self.run.path} already holds a finished run: choose another out=, or pass --resume to continue it"
-            )
-        if self.run.checkpoints() and not self.resume:
-            raise FileExistsError(f"{self.run.path} holds checkpoints of an unfinished run: pass --resume to continue it")
+        if not self.resume:
+            if self.run.is_trained:
+                raise FileExistsError(
+                    f"{self.run.path} already holds a finished run: choose another out=, or continue it with "
+                    f"`tunelab train --resume {self.run.path} train.max_steps=N` (N above its {self._steps_done()} steps)"
+                )
+            if self.run.checkpoints():
+                raise FileExistsError(f"{self.run.path} holds checkpoints of an unfinished run: pass --resume to continue it")
+            claim_folder(self.run.path, "run", overwrite=self.overwrite)
+        remove_stale_staging(self.run)
         self.run.write_config(cfg)
 
     def _setup_data(self) -> None:
@@ -165,12 +175,28 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self.state, self.plain_model, self.optimizer)
 
+    def _steps_done(self) -> int:
+        return int((self.run.results() or {}).get("steps", 0))
+
     def _resume(self) -> None:
+        if self.run.is_trained and self.max_steps <= self._steps_done():
+            raise FileExistsError(
+                f"{self.run.path} is a finished run of {self._steps_done()} steps: --resume continues it only with "
+                f"more steps (train.max_steps={2 * self._steps_done()}, say); to train it afresh choose another out="
+            )
         info = self.checkpointer.restore_latest(self.method, self.model, self.optimizer, self.scheduler, self.callbacks)
         if info is None:
-            log.info(f"--resume: no checkpoint in {self.run.checkpoints_root}, starting from step 0")
+            log.warning(f"--resume: no complete checkpoint in {self.run.checkpoints_root}: starting from step 0"
+                        + (" with a clean metrics.jsonl" if self.run.metrics_file.is_file() else ""))
+            if self.procs.is_main:
+                self.run.metrics_file.unlink(missing_ok=True)
             return
         self.state.step = info["step"]
+        # the whole run's numbers, not just what follows the resume (results.json counts them)
+        if self.procs.is_main:
+            self.tokens_seen = int(info.get("train_tokens", 0))
+            self.target_tokens_seen = int(info.get("target_tokens", 0))
+        self.train_time_s = float(info.get("train_time_s", 0.0))
         log.info(f"resumed from {info['path']} at step {self.state.step}/{self.max_steps}")
         if self.procs.is_main:
             drop_metrics_after(self.run.metrics_file, self.state.step)
@@ -187,7 +213,7 @@ class Trainer:
                     step_loss, targets, grad_norm = self.train_step()
                     if not math.isfinite(step_loss):
                         stopped = "diverged"
-                        self.diverged_loss = step_loss
+                        self.diverged_what = self.diverged_what or f"loss became {step_loss}"
                         break
                     self._after_step(step_loss, targets, grad_norm, bar)
                     if any(cb.should_stop(self.state) for cb in self.callbacks):
@@ -254,7 +280,13 @@ class Trainer:
             return step_loss, global_targets, None
         for cb in self.callbacks:
             cb.on_before_optimizer_step(state, self.plain_model, self.optimizer)
-        grad_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
+        norm = backend.clip_gradients(model, self.optimizer, cfg.train.max_grad_norm)
+        if norm is not None and not math.isfinite(norm):  # inf/nan gradients: stop before they reach the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            self.diverged_what = f"the gradient norm became {norm}"
+            return float("nan"), global_targets, None
+        engine_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
+        grad_norm = (engine_norm if engine_norm is not None else norm) if cfg.train.max_grad_norm > 0 else None
         state.step += 1
         for cb in self.callbacks:
             cb.on_step_end(state, self.plain_model, self.optimizer)
@@ -295,20 +327,19 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
-        return self.checkpointer.save(self.state, self.method, self.model, self.optimizer, self.scheduler, self.callbacks)
+        """A resumable checkpoint of this step (every process calls it), with the run's totals so far."""
+        totals = {"train_tokens": all_reduce_sum(self.tokens_seen, self.procs),
+                  "target_tokens": all_reduce_sum(self.target_tokens_seen, self.procs),
+                  "train_time_s": self.train_time_s}
+        return self.checkpointer.save(self.state, self.method, self.model, self.optimizer, self.scheduler,
+                                      self.callbacks, totals)
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self, stopped: Optional[str]) -> dict[str, Any]:
-        """Divergence and preemption checkpoint and raise; otherwise write the artifact and results.json."""
+        """Divergence and preemption checkpoint and raise; otherwise checkpoint, write the artifact and results.json."""
         run = self.run
         if stopped == "diverged":
-            ckpt = self.save_checkpoint()
-            self.loggers.close()
-            raise TrainingDiverged(
-                f"loss became {self.diverged_loss} at optimizer step {self.state.step + 1}: training stopped before "
-                f"that update. The last good state (step {self.state.step}) is saved in {ckpt}. Lower train.lr, raise "
-                f"train.warmup_steps or set train.max_grad_norm, then resume with `tunelab train --resume {run.path}`."
-            )
+            self._stop_diverged()
         if stopped == "preempted":
             ckpt = self.save_checkpoint()
             self.loggers.close()
@@ -316,25 +347,51 @@ class Trainer:
             raise Preempted()
         for cb in self.callbacks:
             cb.on_train_end(self.state, self.plain_model)
+        t = self.cfg.train
+        if not (t.save_steps and self.state.step % t.save_steps == 0 and self.state.step < self.max_steps):
+            self.save_checkpoint()  # the end state, resumable: `--resume RUN train.max_steps=MORE` continues it
         # collectives run on every rank (a collective called by rank 0 alone deadlocks the others)
         tokens_total = all_reduce_sum(self.tokens_seen, self.procs)
         target_tokens_total = all_reduce_sum(self.target_tokens_seen, self.procs)
         final_model = self.backend.final_model(self.method, self.model, self._fresh_prepared_model)
         results: dict[str, Any] = {}
         if self.procs.is_main:
-            tmp = Path(tempfile.mkdtemp(dir=run.path, prefix=".artifact-"))
-            self.method.save_artifact(final_model, tmp)
-            atomic_replace_dir(tmp, run.artifact_dir(self.method))
-            self.tokenizer.save_pretrained(str(run.tokenizer_dir))
-            results = self._results(stopped, final_model, tokens_total, target_tokens_total)
-            run.write_results(results)
+            with saving(run.artifact_dir(self.method), self.run.checkpoints()):
+                tmp = make_temp_dir(run.path, ".artifact-")
+                try:
+                    self.method.save_artifact(final_model, tmp)
+                    atomic_replace_dir(tmp, run.artifact_dir(self.method))
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                self.tokenizer.save_pretrained(str(run.tokenizer_dir))
+                results = self._results(stopped, final_model, tokens_total, target_tokens_total)
+                run.write_results(results)
             log.info(f"done: {self.state.step} steps in {self.train_time_s:.1f}s, {results['train_tokens_per_s']:.0f} "
                      f"tokens/s, final loss {self.last_loss:.4f} -> {run.path}")
-        # the final artifact supersedes the checkpoints of a completed run; the last stays for resume-extend
         self.loggers.close()
         if self.procs.world > 1:
             self.backend.barrier()
         return results
+
+    def _stop_diverged(self) -> None:
+        """Save the last good state (the weights before the bad update) and raise TrainingDiverged."""
+        run, step = self.run, self.state.step
+        fix = (f"Lower train.lr, raise train.warmup_steps or set train.max_grad_norm, then resume with "
+               f"`tunelab train --resume {run.path}`.")
+        tensors = self.backend.trainable_tensors(self.method, self.model) if self.procs.world == 1 else None
+        if tensors is not None and not all(torch.isfinite(v).all() for v in tensors.values()):
+            # the update before this step already broke the weights: never save that over a good checkpoint
+            ckpts = run.checkpoints()
+            self.loggers.close()
+            raise TrainingDiverged(
+                f"{self.diverged_what} at optimizer step {step + 1}, and the weights after step {step} are not finite, "
+                f"so they are not saved; the last good checkpoint is {ckpts[-1] if ckpts else 'none (set train.save_steps)'}. "
+                + fix)
+        ckpt = self.save_checkpoint()
+        self.loggers.close()
+        raise TrainingDiverged(
+            f"{self.diverged_what} at optimizer step {step + 1}: training stopped before that update. "
+            f"The last good state (step {step}) is saved in {ckpt}. " + fix)
 
     def _fresh_prepared_model(self):
         """An unsharded copy of the prepared model on CPU, for backends that gather the trained tensors into one."""

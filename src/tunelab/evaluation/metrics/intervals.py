@@ -54,6 +54,10 @@ def paired_bootstrap(
 ) -> dict[str, float | tuple[float, float]]:
     """Mean of ``b - a`` over paired examples with its percentile bootstrap CI, and the share of
     resamples where ``b`` is not better (a one-sided bootstrap p-value for "b > a")."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a_arr.shape != b_arr.shape or a_arr.size == 0:
         raise ValueError(f"paired bootstrap needs two non-empty sequences of equal length, got {a_arr.size} and {b_arr.size}")

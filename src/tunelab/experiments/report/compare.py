@@ -27,6 +27,30 @@ def _eval_dir(path: Path) -> Path:
                      f"run `tunelab eval {path}` first")
 
 
+def _read_results(eval_dir: Path) -> dict[str, Any]:
+    path = eval_dir / RunDir.RESULTS_FILE
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): re-run `tunelab eval` on {_run_of(eval_dir)}") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} is not an evaluation's results: re-run `tunelab eval` on {_run_of(eval_dir)}")
+    return results
+
+
+def _read_predictions(eval_dir: Path) -> dict[str, dict]:
+    """Example id -> its predictions.jsonl record; a line without an id names the file and line."""
+    from tunelab.utils import iter_jsonl
+
+    path, out = eval_dir / RunDir.PREDICTIONS_FILE, {}
+    for lineno, row in iter_jsonl(path):
+        if row.get("id") is None:
+            raise ValueError(f"{path}:{lineno}: no 'id' field (not a line tunelab eval wrote): "
+                             f"re-run `tunelab eval` on {_run_of(eval_dir)}")
+        out[str(row["id"])] = row
+    return out
+
+
 def _comparable_fields(task: str) -> dict[str, Any]:
     """metric -> its per-example field, or (numerator, denominator) of a pooled ratio."""
     from tunelab.tasks import get_task
@@ -77,10 +101,13 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
     dominates small eval sets, so a difference can be significant even where the two unpaired
     intervals overlap. ``p_b_not_better`` is the share of resamples where B does not beat A.
     """
-    from tunelab.utils import read_jsonl
-
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"the number of bootstrap resamples must be a whole number >= 1, got {n_resamples!r} "
+                         f"(1000 is the default; 10000 for tighter intervals)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the bootstrap seed must be a whole number >= 0, got {seed!r}")
     dirs = [_eval_dir(Path(a)), _eval_dir(Path(b))]
-    results = [json.loads((d / RunDir.RESULTS_FILE).read_text()) for d in dirs]
+    results = [_read_results(d) for d in dirs]
     tasks = [r.get("task") for r in results]
     if tasks[0] != tasks[1]:
         raise ValueError(f"{dirs[0]} evaluated task {tasks[0]!r} and {dirs[1]} task {tasks[1]!r}: "
@@ -93,7 +120,7 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
     if unknown:
         raise ValueError(f"no per-example values of {', '.join(unknown)} for task {tasks[0]} "
                          f"(comparable: {', '.join(fields)})")
-    preds = [{str(row["id"]): row for row in read_jsonl(d / RunDir.PREDICTIONS_FILE)} for d in dirs]
+    preds = [_read_predictions(d) for d in dirs]
     common = [i for i in preds[0] if i in preds[1]]
     if not common:
         raise ValueError(f"{dirs[0]} and {dirs[1]} share no example ids: they evaluated different examples")

@@ -36,6 +36,8 @@ class Figure:
     path: Optional[Path] = None
     caption: str = ""
     omitted: Optional[str] = None
+    #: its file name in REPORT/figures/ (whether drawn or left out: a left-out figure's old file is removed)
+    file: str = ""
 
 
 def _pyplot():
@@ -338,8 +340,8 @@ def make_figures(task: str, rows: list[Row], metric: Optional[str], fig_dir: Pat
     colors = _method_colors([r.method for r in rows])
     out = []
     for key, title, draw in FIGURES:
-        fig = Figure(key, title)
-        path = fig_dir / f"{_safe(task)}-{key}.png"
+        fig = Figure(key, title, file=f"{_safe(task)}-{key}.png")
+        path = fig_dir / fig.file
         path.unlink(missing_ok=True)  # never leave a stale figure from an earlier report
         if metric is None and key.startswith("quality"):
             fig.omitted = f"no evaluation results for {task}"

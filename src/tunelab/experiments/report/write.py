@@ -3,6 +3,11 @@ path), ``figures/<task>-<figure>.png`` and ``results.csv`` (one row per run).
 
 The markdown and HTML are put together by hand: a page of tables and images needs no templating
 library, and the same cells go to both.
+
+REPORT is claimed as a report folder (:func:`tunelab.rundir.claim_folder`): it is new or empty, a
+report tunelab wrote, or the user passed ``--overwrite``. The report is written into a staging
+folder inside it and its files moved into place at the end, so a failed report leaves the previous
+one as it was (and no temp folder behind); only the report's own files are replaced.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import csv
 import html
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +24,12 @@ from typing import Any, Optional
 from tunelab.experiments.report.figures import make_figures
 from tunelab.experiments.report.rows import GIB, build_rows, method_rank, primary_metric, table
 from tunelab.experiments.report.runs import RunRecord, collect_runs
+from tunelab.rundir import MARKER_FILE, claim_folder
+from tunelab.utils import make_temp_dir
+
+#: the files a report writes in REPORT (and its figures in REPORT/figures/)
+REPORT_FILES = ("report.md", "report.html", "results.csv")
+FIGURES_DIR = "figures"
 
 CSV_FIRST = [
     "run", "path", "task", "method", "is_base", "seed", "primary_metric", "quality", "eval_n",
@@ -171,18 +184,76 @@ def _write_pages(out_dir: Path, title: str, intro: str, sections: list[dict[str,
     (out_dir / "report.html").write_text(page)
 
 
+# --------------------------------------------------------------------------------------------
+# The report folder: claimed, written in a staging folder, published file by file
+# --------------------------------------------------------------------------------------------
+
+
+def _is_unmarked_report(out_dir: Path) -> bool:
+    """A report an older tunelab wrote (before the marker): report.md and only the report's files."""
+    if not (out_dir / "report.md").is_file() or (out_dir / MARKER_FILE).exists():
+        return False
+    for p in out_dir.iterdir():
+        figures = p.name == FIGURES_DIR and p.is_dir() and all(f.suffix == ".png" and f.is_file() for f in p.iterdir())
+        if not (figures or (p.name in REPORT_FILES and p.is_file())):
+            return False
+    return True
+
+
+def claim_report_folder(out_dir: Path, overwrite: bool = False) -> None:
+    """Make ``out_dir`` a report folder or refuse (NotOurs, a FileExistsError naming the fix)."""
+    claim_folder(out_dir, "report", overwrite=overwrite or _is_unmarked_report(out_dir))
+
+
+def _publish(stage: Path, out_dir: Path, sections: list[dict[str, Any]]) -> None:
+    """Move the staged figures, then the CSV and the pages, into ``out_dir``; a figure left out loses its old file."""
+    fig_dir = out_dir / FIGURES_DIR
+    fig_dir.mkdir(exist_ok=True)
+    for sec in sections:
+        for f in sec["figures"]:
+            final = fig_dir / f.file
+            if f.path:
+                os.replace(f.path, final)
+                f.path = final
+            else:
+                final.unlink(missing_ok=True)  # never leave a stale figure from an earlier report
+    for name in reversed(REPORT_FILES):
+        os.replace(stage / name, out_dir / name)
+
+
+def _unclaim(out_dir: Path) -> None:
+    """Remove a report folder this call created, when a failure left nothing in it but the marker."""
+    (out_dir / MARKER_FILE).unlink(missing_ok=True)
+    try:
+        out_dir.rmdir()
+    except OSError:
+        pass
+
+
 def write_report(roots: list[Path], out_dir: Path, metric_overrides: Optional[dict[str, str]] = None,
-                 title: str = "tunelab report") -> dict[str, Any]:
-    """Write report.md, report.html, figures/*.png and results.csv; returns what was written."""
+                 title: str = "tunelab report", overwrite: bool = False) -> dict[str, Any]:
+    """Write report.md, report.html, figures/*.png and results.csv; returns what was written.
+
+    ``out_dir`` must be new or empty, a report tunelab wrote, or ``overwrite`` (see the module docstring).
+    """
     runs, notes = collect_runs(roots)
     if not runs:
         raise ValueError("no run has anything to report:\n" + "\n".join(f"  - {n}" for n in notes))
     out_dir = Path(out_dir)
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    sections = _sections(runs, dict(metric_overrides or {}), fig_dir)
-    _write_pages(out_dir, title, _intro(runs, roots, len(sections)), sections, notes)
-    _write_csv(runs, out_dir / "results.csv")
+    created = not out_dir.exists()
+    claim_report_folder(out_dir, overwrite)
+    stage = make_temp_dir(out_dir, ".report-")
+    try:
+        sections = _sections(runs, dict(metric_overrides or {}), stage / FIGURES_DIR)
+        _write_pages(stage, title, _intro(runs, roots, len(sections)), sections, notes)
+        _write_csv(runs, stage / "results.csv")
+        _publish(stage, out_dir, sections)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            _unclaim(out_dir)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     return {
         "runs": len(runs), "tasks": [s["task"] for s in sections], "notes": notes,
         "figures": [str(f.path) for s in sections for f in s["figures"] if f.path],

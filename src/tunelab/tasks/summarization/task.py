@@ -137,22 +137,16 @@ class SummarizationTask(Task):
 
     # ---- data ----------------------------------------------------------------------------
     def load_hub_rows(self, split: str) -> list[dict]:
-        c = self.config
-        if not c.hub_id:
-            raise FileNotFoundError(f"task '{self.name}' has no data: set task.data_dir or task.hub_id")
-        return self._hub_dataset(c.hub_id, c.hub_config, split)
+        return self.hub_dataset(self.config.hub_id, getattr(self.config, "hub_config", None), split)
 
-    def _hub_dataset(self, hub_id: str, hub_config: str | None, split: str) -> list[dict]:
-        try:
-            from datasets import load_dataset
-
-            ds = load_dataset(hub_id, hub_config, split=split)
-        except Exception as exc:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ...)
-            raise FileNotFoundError(
-                f"cannot load split '{split}' of the Hub dataset '{hub_id}' ({exc.__class__.__name__}: {exc}). "
-                f"Offline, point task.data_dir at a folder with {split}.jsonl (or set $TUNELAB_DATA_DIR)"
-            ) from exc
-        return [dict(r) for r in ds]
+    def check_row(self, row):
+        """An article or summary that is present but not text (a number, a list, an object) is an error."""
+        for key, path in zip(("task.article_field", "task.summary_field"), self.fields()[:2]):
+            value = get_field(row, path)
+            if value is not None and not isinstance(value, str):
+                return (f"field '{path}' ({key}) is {type(value).__name__}, not a string: write it as a JSON "
+                        f"string, or point {key} at the text (dotted paths reach nested fields)")
+        return None
 
     def fields(self) -> tuple[str, str, str | None]:
         """(article, summary, id) field paths of the rows load_rows returns."""
@@ -375,7 +369,7 @@ class NewsSummaryTask(SummarizationTask):
 
     def load_hub_rows(self, split: str) -> list[dict]:
         """argilla/news-summary rows → {id, article, summary}: article = text, summary = prediction[0].text."""
-        rows = self._hub_dataset(self.config.hub_id, None, split)
+        rows = self.hub_dataset(self.config.hub_id, None, split)
         return [
             {"id": r.get("id") or str(i), "article": r.get("text"), "summary": get_field(r, "prediction.0.text")}
             for i, r in enumerate(rows)

@@ -8,7 +8,8 @@ base class is the plain one-process backend; each mode overrides what it changes
     model, optimizer, scheduler = backend.wrap(model, optimizer, scheduler, method)
     with backend.accumulating(model, sync):            # every micro-batch: forward + backward
         backend.backward(model, loss, sync)
-    grad_norm = backend.step(model, optimizer, scheduler, max_grad_norm)
+    norm = backend.clip_gradients(model, optimizer, max_grad_norm)    # None: the engine clips in step
+    grad_norm = backend.step(model, optimizer, scheduler, max_grad_norm) or norm
     tensors, optim_state = backend.checkpoint_state(method, model, optimizer, staging)   # collective
     backend.restore(ckpt, method, model, optimizer, scheduler)
     final = backend.final_model(method, model, rebuild)        # a plain model on the main process
@@ -62,17 +63,27 @@ class Backend:
     def backward(self, model: nn.Module, loss: torch.Tensor, sync: bool) -> None:
         loss.backward()
 
-    def step(self, model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> Optional[float]:
-        """Clip, step the optimizer and the schedule, zero the gradients; returns the pre-clip norm."""
-        grad_norm = None
+    def clip_gradients(self, model: nn.Module, optimizer, max_grad_norm: float) -> Optional[float]:
+        """The total gradient norm of the step, clipped to ``max_grad_norm`` when it is > 0.
+
+        Computed even without clipping: a non-finite norm stops training *before* the update, so the
+        state saved is the last good one. None where gradients live inside an engine (DeepSpeed).
+        """
+        with_grad = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not with_grad:
+            return None
+        norm = torch.nn.utils.get_total_norm(with_grad)
         if max_grad_norm > 0:
-            with_grad = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if with_grad:
-                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)))
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], max_grad_norm, norm)
+        return float(full_tensor(norm))
+
+    def step(self, model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> Optional[float]:
+        """Step the optimizer and the schedule, zero the gradients; returns the engine's norm (None here)."""
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return None
 
     # ---- state ----------------------------------------------------------------------------------
     def trainable_tensors(self, method, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,11 +109,14 @@ class Backend:
         optimizer.load_state_dict(optim_state)
 
     def _read_state(self, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        """Both files read whole before anything is loaded: a damaged one raises UnreadableCheckpoint."""
         from safetensors.torch import load_file
 
+        from tunelab.train.checkpoint import read_file
+
         device = self.procs.device
-        tensors = {k: v.to(device) for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
-        optim_state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+        tensors = {k: v.to(device) for k, v in read_file(ckpt / "trainable.safetensors", load_file).items()}
+        optim_state = read_file(ckpt / "optimizer.pt", torch.load, map_location=device, weights_only=True)
         return tensors, optim_state
 
     def final_model(self, method, model: nn.Module, rebuild: Callable[[], nn.Module]) -> Optional[nn.Module]:

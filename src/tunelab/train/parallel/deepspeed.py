@@ -56,6 +56,9 @@ class DeepSpeedBackend(Backend):
         if not sync:
             model.step()
 
+    def clip_gradients(self, model, optimizer, max_grad_norm: float) -> Optional[float]:
+        return None  # the engine holds the (partitioned) gradients and clips inside step()
+
     def step(self, model, optimizer, scheduler, max_grad_norm: float) -> Optional[float]:
         model.step()  # boundary: clip (train.max_grad_norm), optimizer step, lr step, zero grads
         norm = model.get_global_grad_norm()
