@@ -108,6 +108,22 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_eps: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"] = opt(
+        "auto",
+        "Numeric precision of training: 'fp32'; 'bf16-mixed' (bf16 autocast, fp32 master weights and "
+        "optimizer state); 'bf16-true' (weights in bf16; only where safe: trainable adapters stay fp32); "
+        "'fp16-mixed' (fp16 autocast with a gradient scaler; CUDA only). 'auto' = bf16-mixed on CUDA, fp32 on CPU.",
+    )
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
+        "adamw",
+        "Optimizer of the method's parameter groups: torch AdamW (fused/foreach where available), "
+        "bitsandbytes 8-bit AdamW, or its paged variant (CUDA only). GaLore builds its own optimizer.",
+    )
+    loss_chunk_tokens: int = opt(
+        1024,
+        "Target tokens per chunk of the output head + cross-entropy, so no [targets x vocabulary] tensor "
+        "is alive at once (0 = all at once).",
+    )
     logging_steps: int = opt(1, "Write a metrics line every this many optimizer steps.")
     save_steps: int = opt(0, "Write a resumable checkpoint every this many optimizer steps, and always at the end (0 = only at the end).")
     keep_checkpoints: int = opt(2, "Keep this many most recent checkpoints.")
