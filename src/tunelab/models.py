@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from tunelab.config import ModelConfig
-from tunelab.utils import atomic_write_json, log, make_temp_dir
+from tunelab.utils import apply_umask, atomic_write_json, log, make_temp_dir
 
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
     "smollm2-135m": {
@@ -125,6 +125,7 @@ def _convert_gguf(folder: str, gguf_file: str, dest: Path) -> Path:
         clear_gguf_quantization_flags(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)  # save_pretrained's safetensors file would otherwise stay 0600
         try:
             os.replace(tmp, dest)
         except OSError:  # another process converted it first

@@ -186,6 +186,7 @@ def peak_memory(device: torch.device) -> dict:
     out = {"peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         out["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))  # allocated + the caching allocator's slack
         out["peak_mem_kind"] = "cuda_max_allocated"
     else:
         out["peak_mem_bytes"] = out["peak_rss_bytes"]

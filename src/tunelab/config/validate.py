@@ -81,8 +81,34 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
                 deepspeed_settings(t)
             except ValueError as exc:
                 p.append(str(exc))
+    p.extend(precision_problems(cfg, check_env))
     p.extend(METHODS.get(cfg.method.name).validate(cfg))
     p.extend(TASKS.get(cfg.task.name).validate(cfg))
+    return p
+
+
+def precision_problems(cfg: RunConfig, check_env: bool = True) -> list[str]:
+    """train.precision against the model's dtype, the method and the machine (see tunelab.train.precision)."""
+    from tunelab.registry import METHODS
+
+    p: list[str] = []
+    precision, dtype = cfg.train.precision, cfg.model.dtype
+    if precision.endswith("-mixed") and dtype not in ("auto", "float32"):
+        p.append(f"train.precision={precision} keeps fp32 master weights, but model.dtype={dtype}: leave "
+                 f"model.dtype=auto (or float32), or use train.precision=bf16-true to train {dtype} weights")
+    if precision == "fp32" and dtype not in ("auto", "float32"):
+        p.append(f"train.precision=fp32 with model.dtype={dtype}: set model.dtype=auto, or train.precision=bf16-mixed")
+    if precision == "bf16-true" and dtype not in ("auto", "bfloat16"):
+        p.append(f"train.precision=bf16-true loads bfloat16 weights, but model.dtype={dtype}: set model.dtype=auto")
+    if precision == "bf16-true" and getattr(METHODS.get(cfg.method.name), "updates_base_weights", False):
+        p.append(f"train.precision=bf16-true would update method={cfg.method.name}'s bf16 weights directly, where "
+                 "small updates round to nothing: use train.precision=bf16-mixed (fp32 master weights)")
+    if precision == "fp16-mixed":
+        import torch
+
+        if check_env and not torch.cuda.is_available():
+            p.append("train.precision=fp16-mixed needs a CUDA GPU (fp16 autocast with a gradient scaler): "
+                     "use train.precision=bf16-mixed or fp32 on this machine")
     return p
 
 
@@ -117,6 +143,11 @@ def deepspeed_settings(train_cfg: TrainConfig) -> dict[str, Any]:
         if theirs != "auto" and theirs != value:
             problems.append(f"{key}={theirs} but {ours_key}={value} (set one of them so they agree, or \"auto\")")
         ds[key] = value
+    for section, wanted in (("bf16", ("bf16-mixed", "bf16-true")), ("fp16", ("fp16-mixed",))):
+        enabled = ds.get(section, {}).get("enabled", "auto") if isinstance(ds.get(section), dict) else "auto"
+        if enabled != "auto" and (train_cfg.precision == "auto" or (train_cfg.precision in wanted) != bool(enabled)):
+            problems.append(f"{section}.enabled={enabled} but train.precision={train_cfg.precision} (say the precision "
+                            f"once: set train.precision and leave {section}.enabled \"auto\" or out of the file)")
     if ds.get("train_batch_size", "auto") != "auto":
         problems.append("train_batch_size: leave it out or \"auto\"; it is train.batch_size x train.grad_accum x processes")
     ds.pop("train_batch_size", None)

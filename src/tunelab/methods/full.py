@@ -26,6 +26,7 @@ class FullMethod(Method):
     display_order = 10
     config_cls = FullConfig
     artifact_dir = "model"
+    updates_base_weights = True  # train.precision=bf16-true is refused: its bf16 weights would lose small updates
 
     @classmethod
     def validate(cls, run_cfg: RunConfig) -> list[str]:

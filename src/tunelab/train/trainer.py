@@ -43,6 +43,7 @@ from tunelab.rundir import RunDir, claim_folder
 from tunelab.train.checkpoint import Checkpointer, drop_metrics_after, remove_stale_staging, saving
 from tunelab.train.loggers import MetricLoggers
 from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
+from tunelab.train.precision import LossScaler, keep_trainable_in_fp32, resolve_precision
 from tunelab.train.schedule import count_steps, lr_lambda
 from tunelab.train.signals import Preempted, catch_stop_signals
 from tunelab.utils import (
@@ -95,7 +96,10 @@ class Trainer:
                                f"({', '.join(n for n, c in METHODS.items() if c.trains)}), or evaluate the "
                                f"untrained model with `tunelab eval --base`"])
         self.procs = init_distributed(cfg.model.device)
-        self.backend = make_backend(cfg.train, self.procs)
+        self.precision = resolve_precision(cfg.train.precision, self.procs.device)
+        self.model_cfg = self.precision.model_config(cfg.model)  # mixed precision: fp32 master weights
+        self.scaler = LossScaler(self.precision)
+        self.backend = make_backend(cfg.train, self.procs, self.precision)
         self._setup_run_dir()
         seed_everything(cfg.seed)
         self.method: Method = method_cls(cfg.method)
@@ -134,9 +138,11 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, device = self.cfg, self.procs.device
         reset_peak_memory(device)
-        model = load_model(cfg.model, self.source, device)
+        model = load_model(self.model_cfg, self.source, device)
         model.config.use_cache = False
         model = self.method.prepare(model, cfg)
+        if self.precision.name == "bf16-true":
+            keep_trainable_in_fp32(model)  # adapters in bf16 would lose their small updates
         if not cfg.model.load_in_4bit:
             model.to(device)
         self.params = count_params(model)
@@ -175,6 +181,11 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self.state, self.plain_model, self.optimizer)
 
+    def _stateful(self) -> list:
+        """What a checkpoint restores besides weights, optimizer and schedule (state_dict/load_state_dict each):
+        the method's callbacks, then fp16's loss scaler (last, so checkpoints without it still load)."""
+        return [*self.callbacks, self.scaler]
+
     def _steps_done(self) -> int:
         return int((self.run.results() or {}).get("steps", 0))
 
@@ -184,7 +195,7 @@ class Trainer:
                 f"{self.run.path} is a finished run of {self._steps_done()} steps: --resume continues it only with "
                 f"more steps (train.max_steps={2 * self._steps_done()}, say); to train it afresh choose another out="
             )
-        info = self.checkpointer.restore_latest(self.method, self.model, self.optimizer, self.scheduler, self.callbacks)
+        info = self.checkpointer.restore_latest(self.method, self.model, self.optimizer, self.scheduler, self._stateful())
         if info is None:
             log.warning(f"--resume: no complete checkpoint in {self.run.checkpoints_root}: starting from step 0"
                         + (" with a clean metrics.jsonl" if self.run.metrics_file.is_file() else ""))
@@ -264,11 +275,12 @@ class Trainer:
             batch = {key: v.to(procs.device, non_blocking=True) for key, v in batch.items()}
             sync = k == len(micro) - 1
             with backend.accumulating(model, sync):
-                loss_sum = target_loss(model, self.selector, batch)
+                with backend.autocast():
+                    loss_sum = target_loss(model, self.selector, batch)
                 # gradients are averaged over ranks: scale so the result is sum / global targets
                 scaled = loss_sum * (procs.world / max(global_targets, 1.0))
                 try:
-                    backend.backward(model, scaled, sync)
+                    backend.backward(model, self.scaler.scale(scaled), sync)
                 except FloatingPointError as exc:  # raised by methods that step inside backward
                     raise self._diverged_in_backward(exc) from exc
             step_loss_sum += float(loss_sum.detach())
@@ -280,12 +292,15 @@ class Trainer:
             return step_loss, global_targets, None
         for cb in self.callbacks:
             cb.on_before_optimizer_step(state, self.plain_model, self.optimizer)
+        self.scaler.unscale_(self.optimizer)
         norm = backend.clip_gradients(model, self.optimizer, cfg.train.max_grad_norm)
-        if norm is not None and not math.isfinite(norm):  # inf/nan gradients: stop before they reach the weights
+        if norm is not None and not math.isfinite(norm) and not self.precision.uses_scaler:
+            # inf/nan gradients: stop before they reach the weights (fp16's scaler skips such a step instead)
             self.optimizer.zero_grad(set_to_none=True)
             self.diverged_what = f"the gradient norm became {norm}"
             return float("nan"), global_targets, None
-        engine_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
+        engine_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm,
+                                   self.scaler if self.precision.uses_scaler else None)
         grad_norm = (engine_norm if engine_norm is not None else norm) if cfg.train.max_grad_norm > 0 else None
         state.step += 1
         for cb in self.callbacks:
@@ -332,7 +347,7 @@ class Trainer:
                   "target_tokens": all_reduce_sum(self.target_tokens_seen, self.procs),
                   "train_time_s": self.train_time_s}
         return self.checkpointer.save(self.state, self.method, self.model, self.optimizer, self.scheduler,
-                                      self.callbacks, totals)
+                                      self._stateful(), totals)
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self, stopped: Optional[str]) -> dict[str, Any]:
@@ -353,6 +368,7 @@ class Trainer:
         # collectives run on every rank (a collective called by rank 0 alone deadlocks the others)
         tokens_total = all_reduce_sum(self.tokens_seen, self.procs)
         target_tokens_total = all_reduce_sum(self.target_tokens_seen, self.procs)
+        memory = self._memory_accounting()
         final_model = self.backend.final_model(self.method, self.model, self._fresh_prepared_model)
         results: dict[str, Any] = {}
         if self.procs.is_main:
@@ -364,7 +380,7 @@ class Trainer:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 self.tokenizer.save_pretrained(str(run.tokenizer_dir))
-                results = self._results(stopped, final_model, tokens_total, target_tokens_total)
+                results = {**self._results(stopped, final_model, tokens_total, target_tokens_total), **memory}
                 run.write_results(results)
             log.info(f"done: {self.state.step} steps in {self.train_time_s:.1f}s, {results['train_tokens_per_s']:.0f} "
                      f"tokens/s, final loss {self.last_loss:.4f} -> {run.path}")
@@ -393,9 +409,25 @@ class Trainer:
             f"{self.diverged_what} at optimizer step {step + 1}: training stopped before that update. "
             f"The last good state (step {step}) is saved in {ckpt}. " + fix)
 
+    def _memory_accounting(self) -> dict:
+        """What the training state holds, summed over processes (shards count once): the optimizer's state,
+        the trainable weights and, under mixed precision, their fp32 master copies (the weights themselves)."""
+        trainable = sum(_local(p).nbytes for p in self.plain_model.parameters() if p.requires_grad)
+        trainable = int(all_reduce_sum(float(trainable), self.procs))
+        return {
+            "precision": self.precision.name,
+            "optimizer_state_bytes": int(all_reduce_sum(float(optimizer_state_bytes(self.optimizer)), self.procs)),
+            "trainable_param_bytes": trainable,
+            "master_weight_bytes": trainable if self.precision.is_mixed else 0,
+            **({"fp16_skipped_steps": self.scaler.skipped_steps} if self.precision.uses_scaler else {}),
+        }
+
     def _fresh_prepared_model(self):
         """An unsharded copy of the prepared model on CPU, for backends that gather the trained tensors into one."""
-        return self.method.prepare(load_model(self.cfg.model, self.source, torch.device("cpu")), self.cfg)
+        model = self.method.prepare(load_model(self.model_cfg, self.source, torch.device("cpu")), self.cfg)
+        if self.precision.name == "bf16-true":
+            keep_trainable_in_fp32(model)
+        return model
 
     def _results(self, stopped: Optional[str], final_model, tokens_total: float, target_tokens_total: float) -> dict:
         """results.json (schema 1: report and sweep read these names)."""
@@ -429,3 +461,20 @@ class Trainer:
             **git_info(),
             "versions": package_versions(),
         }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a (possibly FSDP-sharded) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state on this process (Adam moments, 8-bit states and
+    their scales, GaLore's projected moments); an engine's wrapper is looked through."""
+    inner = getattr(optimizer, "optimizer", None)
+    state = getattr(optimizer, "state", None) or getattr(inner, "state", None) or {}
+    total = 0
+    for per_param in state.values():
+        values = per_param.values() if isinstance(per_param, dict) else [per_param]
+        total += sum(_local(v).nbytes for v in values if isinstance(v, torch.Tensor))
+    return total

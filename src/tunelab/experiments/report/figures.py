@@ -287,10 +287,18 @@ def fig_time_memory_per_method(task, rows, metric, path, colors) -> str:
     a1.set_xlabel(f"training time ({unit}, optimizer steps only)")
     mems = [r.stat(lambda x: x.train.get("peak_mem_bytes")) for r in shown]
     a2.barh(ys, [(m or 0.0) / GIB for m, _, _ in mems], color=[colors[r.method] for r in shown])
+    # the part of it the training state holds (optimizer state + trainable weights), where runs record it
+    state = [r.stat(lambda x: (x.train.get("optimizer_state_bytes") or 0) + (x.train.get("trainable_param_bytes") or 0)
+                    if x.train.get("optimizer_state_bytes") is not None else None)[0] for r in shown]
+    if any(s for s in state):
+        a2.barh(ys, [(s or 0.0) / GIB for s in state], color="none", edgecolor="black", hatch="//",
+                label="optimizer state + trainable weights")
+        a2.legend(fontsize=7, loc="lower right")
     a2.set_xlabel(_memory_label(shown))
     fig.suptitle(f"{task}: training time and peak memory per method")
     _save(fig, path)
-    return "Time of the optimizer steps and peak memory of each training run (mean over seeds)."
+    return ("Time of the optimizer steps and peak memory of each training run (mean over seeds); the hatched part "
+            "is what the training state itself holds (optimizer state and trainable weights), where runs record it.")
 
 
 def fig_quality_vs_params(task, rows, metric, path, colors) -> str:

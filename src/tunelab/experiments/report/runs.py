@@ -27,7 +27,8 @@ SCHEMA_VERSION = 1
 TRAIN_FIELDS = (
     "trainable_params", "total_params", "peak_mem_bytes", "peak_mem_kind", "train_time_s", "wall_time_s",
     "train_tokens_per_s", "final_loss", "seed", "steps", "epochs_completed", "method_results", "device",
-    "git_sha", "versions",
+    "git_sha", "versions", "precision", "optimizer_state_bytes", "trainable_param_bytes", "master_weight_bytes",
+    "peak_reserved_bytes",
 )
 #: Names older writers used (the HF Trainer's among them) -> schema 1 names.
 LEGACY_TRAIN_NAMES = {

@@ -12,21 +12,21 @@ from tunelab.train.parallel.distributed import (
 )
 
 
-def make_backend(train_cfg, procs: Processes) -> Backend:
+def make_backend(train_cfg, procs: Processes, precision=None) -> Backend:
     """The backend for ``train.parallelism`` in this launch (one process runs FSDP/DDP as plain training)."""
     if train_cfg.parallelism == "deepspeed":
         from tunelab.train.parallel.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(procs, train_cfg)
+        return DeepSpeedBackend(procs, train_cfg, precision)
     if procs.world > 1 and train_cfg.parallelism == "fsdp":
         from tunelab.train.parallel.fsdp import FsdpBackend
 
-        return FsdpBackend(procs)
+        return FsdpBackend(procs, precision)
     if procs.world > 1:
         from tunelab.train.parallel.ddp import DdpBackend
 
-        return DdpBackend(procs)
-    return Backend(procs)
+        return DdpBackend(procs, precision)
+    return Backend(procs, precision)
 
 
 __all__ = ["Backend", "Processes", "all_reduce_sum", "any_process", "full_tensor", "init_distributed",

@@ -6,8 +6,9 @@ base class is the plain one-process backend; each mode overrides what it changes
 
     model = backend.shard(model)                       # before the optimizer exists (FSDP)
     model, optimizer, scheduler = backend.wrap(model, optimizer, scheduler, method)
-    with backend.accumulating(model, sync):            # every micro-batch: forward + backward
-        backend.backward(model, loss, sync)
+    with backend.accumulating(model, sync), backend.autocast():   # every micro-batch: forward + loss
+        loss = ...
+    backend.backward(model, loss, sync)
     norm = backend.clip_gradients(model, optimizer, max_grad_norm)    # None: the engine clips in step
     grad_norm = backend.step(model, optimizer, scheduler, max_grad_norm) or norm
     tensors, optim_state = backend.checkpoint_state(method, model, optimizer, staging)   # collective
@@ -39,8 +40,11 @@ class Backend:
     #: shown in the start-up log line
     description: ClassVar[str] = ""
 
-    def __init__(self, procs: Processes):
+    def __init__(self, procs: Processes, precision=None):
+        from tunelab.train.precision import Precision
+
         self.procs = procs
+        self.precision = precision or Precision("fp32", procs.device.type)
 
     # ---- set-up ---------------------------------------------------------------------------------
     def shard(self, model: nn.Module) -> nn.Module:
@@ -60,6 +64,10 @@ class Backend:
         """Context of one micro-batch's forward and backward; ``sync`` is False until the last one."""
         return contextlib.nullcontext()
 
+    def autocast(self):
+        """Context of the forward pass and the loss: autocast under mixed precision, else nothing."""
+        return self.precision.autocast()
+
     def backward(self, model: nn.Module, loss: torch.Tensor, sync: bool) -> None:
         loss.backward()
 
@@ -78,9 +86,13 @@ class Backend:
                 [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], max_grad_norm, norm)
         return float(full_tensor(norm))
 
-    def step(self, model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> Optional[float]:
-        """Step the optimizer and the schedule, zero the gradients; returns the engine's norm (None here)."""
-        optimizer.step()
+    def step(self, model: nn.Module, optimizer, scheduler, max_grad_norm: float, scaler=None) -> Optional[float]:
+        """Step the optimizer (through fp16's loss scaler when there is one) and the schedule, zero the
+        gradients; returns the engine's norm (None here)."""
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return None

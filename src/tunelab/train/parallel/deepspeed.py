@@ -7,9 +7,9 @@ files. Batch size, accumulation and clipping come from ``train.*`` (see ``config
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
-import torch
 from torch import nn
 
 from tunelab.config import deepspeed_settings
@@ -28,19 +28,23 @@ class DeepSpeedBackend(Backend):
     shared_staging = True
     description = "DeepSpeed"
 
-    def __init__(self, procs, train_cfg):
-        super().__init__(procs)
+    def __init__(self, procs, train_cfg, precision=None):
+        super().__init__(procs, precision)
         self.train_cfg = train_cfg
 
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine's bf16/fp16 mode casts the model itself
+
     def wrap(self, model, optimizer, scheduler, method):
-        """bf16/fp16 "auto" in the user's file follow the model's dtype."""
+        """The engine's bf16/fp16 sections follow train.precision (a file that disagrees is refused at parse time)."""
         import deepspeed
 
         ds = deepspeed_settings(self.train_cfg)
-        dtype = next(model.parameters()).dtype
-        for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
-                ds[key]["enabled"] = dtype == wanted
+        for key, on in (("bf16", self.precision.name in ("bf16-mixed", "bf16-true")),
+                        ("fp16", self.precision.name == "fp16-mixed")):
+            section = ds.get(key) if isinstance(ds.get(key), dict) else {}
+            if on or section:
+                ds[key] = {**section, "enabled": on}
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
         log.info(f"DeepSpeed {deepspeed.__version__}: ZeRO stage {engine.zero_optimization_stage()}, "
                  f"{type(optimizer).__name__}")
@@ -59,7 +63,7 @@ class DeepSpeedBackend(Backend):
     def clip_gradients(self, model, optimizer, max_grad_norm: float) -> Optional[float]:
         return None  # the engine holds the (partitioned) gradients and clips inside step()
 
-    def step(self, model, optimizer, scheduler, max_grad_norm: float) -> Optional[float]:
+    def step(self, model, optimizer, scheduler, max_grad_norm: float, scaler=None) -> Optional[float]:
         model.step()  # boundary: clip (train.max_grad_norm), optimizer step, lr step, zero grads
         norm = model.get_global_grad_norm()
         return float(norm) if norm is not None and max_grad_norm > 0 else None

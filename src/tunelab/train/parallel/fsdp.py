@@ -6,6 +6,9 @@ state dict keyed by parameter name, so a run resumes onto any number of processe
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from tunelab.train.parallel.base import Backend
@@ -38,11 +41,24 @@ class FsdpBackend(Backend):
         if not blocks:
             log.warning("train.parallelism=fsdp: the model names no transformer blocks (_no_split_modules); "
                         "sharding it as one unit, which gathers every weight at once")
+        policy = self._mixed_precision_policy()
         for block in blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, **policy)
+        fully_shard(model, mesh=mesh, **policy)
         log.info(f"FSDP2: {len(blocks)} blocks ({', '.join(sorted(block_names))}) + root sharded over {world} processes")
         return model
+
+    def _mixed_precision_policy(self) -> dict:
+        """Mixed precision the FSDP2 way: fp32 shards (the masters), compute in the autocast dtype,
+        gradients reduced in fp32. Autocast is then not needed (see autocast)."""
+        if not self.precision.is_mixed:
+            return {}
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return {"mp_policy": MixedPrecisionPolicy(param_dtype=self.precision.autocast_dtype, reduce_dtype=torch.float32)}
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts the unsharded parameters
 
     def accumulating(self, model, sync: bool):
         model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch only
