@@ -27,7 +27,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,16 +43,14 @@ from tunelab.train.checkpoint import Checkpointer, drop_metrics_after, remove_st
 from tunelab.train.loggers import MetricLoggers
 from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
 from tunelab.train.precision import LossScaler, keep_trainable_in_fp32, resolve_precision
+from tunelab.train.results import memory_accounting, run_results
 from tunelab.train.schedule import count_steps, lr_lambda
 from tunelab.train.signals import Preempted, catch_stop_signals
 from tunelab.utils import (
     atomic_replace_dir,
     count_params,
     make_temp_dir,
-    git_info,
     log,
-    package_versions,
-    peak_memory,
     reset_peak_memory,
     seed_everything,
 )
@@ -368,7 +365,7 @@ class Trainer:
         # collectives run on every rank (a collective called by rank 0 alone deadlocks the others)
         tokens_total = all_reduce_sum(self.tokens_seen, self.procs)
         target_tokens_total = all_reduce_sum(self.target_tokens_seen, self.procs)
-        memory = self._memory_accounting()
+        memory = memory_accounting(self)
         final_model = self.backend.final_model(self.method, self.model, self._fresh_prepared_model)
         results: dict[str, Any] = {}
         if self.procs.is_main:
@@ -380,7 +377,7 @@ class Trainer:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 self.tokenizer.save_pretrained(str(run.tokenizer_dir))
-                results = {**self._results(stopped, final_model, tokens_total, target_tokens_total), **memory}
+                results = {**run_results(self, stopped, final_model, tokens_total, target_tokens_total), **memory}
                 run.write_results(results)
             log.info(f"done: {self.state.step} steps in {self.train_time_s:.1f}s, {results['train_tokens_per_s']:.0f} "
                      f"tokens/s, final loss {self.last_loss:.4f} -> {run.path}")
@@ -409,72 +406,9 @@ class Trainer:
             f"{self.diverged_what} at optimizer step {step + 1}: training stopped before that update. "
             f"The last good state (step {step}) is saved in {ckpt}. " + fix)
 
-    def _memory_accounting(self) -> dict:
-        """What the training state holds, summed over processes (shards count once): the optimizer's state,
-        the trainable weights and, under mixed precision, their fp32 master copies (the weights themselves)."""
-        trainable = sum(_local(p).nbytes for p in self.plain_model.parameters() if p.requires_grad)
-        trainable = int(all_reduce_sum(float(trainable), self.procs))
-        return {
-            "precision": self.precision.name,
-            "optimizer_state_bytes": int(all_reduce_sum(float(optimizer_state_bytes(self.optimizer)), self.procs)),
-            "trainable_param_bytes": trainable,
-            "master_weight_bytes": trainable if self.precision.is_mixed else 0,
-            **({"fp16_skipped_steps": self.scaler.skipped_steps} if self.precision.uses_scaler else {}),
-        }
-
     def _fresh_prepared_model(self):
         """An unsharded copy of the prepared model on CPU, for backends that gather the trained tensors into one."""
         model = self.method.prepare(load_model(self.model_cfg, self.source, torch.device("cpu")), self.cfg)
         if self.precision.name == "bf16-true":
             keep_trainable_in_fp32(model)
         return model
-
-    def _results(self, stopped: Optional[str], final_model, tokens_total: float, target_tokens_total: float) -> dict:
-        """results.json (schema 1: report and sweep read these names)."""
-        cfg, state, procs = self.cfg, self.state, self.procs
-        return {
-            "schema_version": 1,
-            "kind": "train",
-            "run_dir": str(self.run.path),
-            "task": cfg.task.name,
-            "method": cfg.method.name,
-            "model": cfg.model.name,
-            "seed": cfg.seed,
-            "steps": state.step,
-            "max_steps": self.max_steps,
-            "stopped": stopped or "completed",
-            "epochs_completed": state.step / self.steps_per_epoch,
-            "world_size": procs.world,
-            "parallelism": self.backend.name,
-            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * procs.world,
-            **self.params,
-            **peak_memory(procs.device),
-            "train_time_s": self.train_time_s,
-            "wall_time_s": time.time() - self.t_start,
-            "train_tokens": tokens_total,
-            "train_tokens_per_s": tokens_total / max(self.train_time_s, 1e-9),
-            "target_tokens_per_s": target_tokens_total / max(self.train_time_s, 1e-9),
-            "final_loss": self.last_loss,
-            "data": asdict(self.data_stats),
-            "method_results": self.method.extra_results(final_model, self.optimizer),
-            "device": str(procs.device),
-            **git_info(),
-            "versions": package_versions(),
-        }
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a (possibly FSDP-sharded) tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state on this process (Adam moments, 8-bit states and
-    their scales, GaLore's projected moments); an engine's wrapper is looked through."""
-    inner = getattr(optimizer, "optimizer", None)
-    state = getattr(optimizer, "state", None) or getattr(inner, "state", None) or {}
-    total = 0
-    for per_param in state.values():
-        values = per_param.values() if isinstance(per_param, dict) else [per_param]
-        total += sum(_local(v).nbytes for v in values if isinstance(v, torch.Tensor))
-    return total
