@@ -83,7 +83,8 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     scored = task.score(examples, completions)
     ref_loss = None
     if eval_cfg.reference_loss:
-        ref_loss = reference_loss(model, tokenizer, examples, cfg.data.max_length, eval_cfg.batch_size)
+        ref_loss = reference_loss(model, tokenizer, examples, cfg.data.max_length, eval_cfg.batch_size,
+                                  chunk_tokens=cfg.train.loss_chunk_tokens)
         scored.metrics["ref_nll"] = ref_loss["nll_per_token"]
         per_ref = ref_loss.pop("per_example")
         for ex, per in zip(examples, scored.per_example):
@@ -124,7 +125,8 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
 
 
 @torch.no_grad()
-def reference_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int) -> dict[str, Any]:
+def reference_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
+                   chunk_tokens: int = 1024) -> dict[str, Any]:
     """Teacher-forced loss of the reference responses: the training objective on held-out data.
 
     Each example is tokenized exactly as in training (prompt + response + EOS, loss on the response
@@ -151,7 +153,7 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
         for start in range(0, len(tokenized), max(1, batch_size)):
             chunk = tokenized[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            losses = target_loss(model, selector, batch, reduction="none")  # one per target token, row after row
+            losses = target_loss(model, selector, batch, reduction="none", chunk_tokens=chunk_tokens)  # per target token
             counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             for t, row_losses, count in zip(chunk, torch.split(losses, counts), counts):
                 per_example[t.id] = (float(row_losses.sum()), int(count))

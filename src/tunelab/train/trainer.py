@@ -273,7 +273,7 @@ class Trainer:
             sync = k == len(micro) - 1
             with backend.accumulating(model, sync):
                 with backend.autocast():
-                    loss_sum = target_loss(model, self.selector, batch)
+                    loss_sum = target_loss(model, self.selector, batch, chunk_tokens=cfg.train.loss_chunk_tokens)
                 # gradients are averaged over ranks: scale so the result is sum / global targets
                 scaled = loss_sum * (procs.world / max(global_targets, 1.0))
                 try:
