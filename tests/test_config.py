@@ -28,12 +28,13 @@ def test_all_problems_reported_at_once_with_fixes():
 
 def test_range_and_combination_checks():
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=["method.rank=0", "train.lr=-1", "data.train_fraction=1.5", "model.load_in_4bit=true"])
+        load_config(overrides=["method.rank=0", "train.lr=-1", "data.train_fraction=1.5", "train.optim=paged_adamw_8bit",
+                               "model.device=cpu"])
     text = "\n".join(err.value.problems)
     assert "method.rank must be >= 1" in text
     assert "train.lr must be > 0" in text
     assert "data.train_fraction must be in (0, 1]" in text
-    assert "needs a CUDA GPU" in text
+    assert "train.optim=paged_adamw_8bit needs a CUDA GPU" in text and "use train.optim=adamw_8bit" in text
 
 
 def test_method_specific_keys_follow_method_name():

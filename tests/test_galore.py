@@ -353,9 +353,15 @@ def test_validation_errors(tiny_model_dir, overrides, needle):
 
 
 def test_validation_8bit_on_cpu_and_layerwise_ddp(tiny_model_dir, monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="optim_8bit=true needs a CUDA GPU"):
-        run_cfg(tiny_model_dir, "method.optim_8bit=true")
+    assert run_cfg(tiny_model_dir, "method.optim_8bit=true").method.optim_8bit  # 8-bit moments run on the CPU
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "bitsandbytes", None)  # a machine without bitsandbytes
+        with pytest.raises(ConfigError, match="optim_8bit=true: bitsandbytes blockwise 8-bit does not run.*optim_8bit=false"):
+            run_cfg(tiny_model_dir, "method.optim_8bit=true")
+    with pytest.raises(ConfigError, match="train.optim=adamw_8bit cannot apply.*method.optim_8bit=true"):
+        run_cfg(tiny_model_dir, "train.optim=adamw_8bit")  # GaLore builds its own optimizer
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="layerwise=true cannot run under DDP"):
         run_cfg(tiny_model_dir, "method.layerwise=true", "train.max_grad_norm=0")

@@ -230,20 +230,20 @@ def test_missing_model_path_is_caught_before_queueing(tmp_path, capsys):
 
 
 def test_a_gpu_config_is_submitted_from_a_login_node_without_gpu(tiny_model_dir, tmp_path, capsys):
-    """QLoRA needs CUDA where it runs, not where it is submitted: the job checks again."""
+    """A CUDA-only setting (paged 8-bit AdamW) needs CUDA where it runs, not where it is submitted: the job checks again."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the login-node case does not arise")
-    rc = main(["submit", "train", *_tiny(tiny_model_dir, tmp_path / "q", "model.load_in_4bit=true"),
+    rc = main(["submit", "train", *_tiny(tiny_model_dir, tmp_path / "q", "train.optim=paged_adamw_8bit"),
                "--slurm.gpus_per_node=1", "--dry-run"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "model.load_in_4bit=true needs a CUDA GPU" not in captured.err
+    assert "train.optim=paged_adamw_8bit needs a CUDA GPU" not in captured.err
     assert "#SBATCH --gpus-per-node=1\n" in _script_of(captured.out, "train.sbatch")
     # the same config is still refused by `tunelab train` on this CPU-only machine
-    assert main(["train", *_tiny(tiny_model_dir, tmp_path / "q2", "model.load_in_4bit=true")]) != 0
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["train", *_tiny(tiny_model_dir, tmp_path / "q2", "train.optim=paged_adamw_8bit")]) != 0
+    assert "train.optim=paged_adamw_8bit needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_sbatch_missing_says_how_to_install_or_dry_run(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,9 @@
 Before writing, the merged model's logits are compared with the unmerged (adapter) model's on a
 few fixed inputs; the merge is refused when they differ by more than the tolerance (fp32: 1e-3
 absolute on logits of magnitude ~10, i.e. float round-off of the folded weights; bf16/fp16: 5e-2).
+A run trained on a 4-bit base is merged into that base dequantized (the weights the adapter saw),
+checked against the 4-bit model with its adapter, and its report says the merge is lossy against
+the original base (``quantized_base``, ``lossy``).
 
 Where it goes (checked before the model is loaded): ``--out`` is new or empty, a merged folder
 tunelab made, or ``overwrite``; never the run itself, a folder holding it, one of its own folders
@@ -25,7 +28,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.evaluation.evaluate import load_model_for_eval
 from tunelab.methods import get_method
-from tunelab.models import resolve_device
+from tunelab.models import dequantize_4bit, load_model, materialize, resolve_device
 from tunelab.rundir import MARKER_FILE, NotOurs, RunDir, claim_folder, folder_kind
 from tunelab.utils import atomic_write_json, log, make_temp_dir
 
@@ -39,6 +42,14 @@ CHECK_TEXTS = [
     "Article: The city council approved the new budget on Monday.\nSummary:",
     "Hello",
 ]
+
+
+#: what a merge of a run trained on a 4-bit base is (results: merge_check.json "lossy")
+QUANTIZED_MERGE_NOTE = (
+    "merged into the dequantized NF4 base, the weights the adapter was trained on: the merged model computes "
+    "what the 4-bit run computed (max_abs_logit_diff), but its base weights carry the 4-bit rounding, so it "
+    "is lossy against the original base model and is not that base plus the adapter"
+)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -70,16 +81,15 @@ def merge_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None, overwr
             f"`tunelab eval` and `tunelab generate` use its model as it is"
         )
     check_out_dir(run, out_dir, cfg, overwrite)
-    if cfg.model.load_in_4bit:
-        log.warning(
-            "the run was trained on a 4-bit base: merging into the unquantized base weights "
-            "(the 4-bit rounding the adapter saw is not reproduced; evaluate the merged model to check)"
-        )
-        cfg.model.load_in_4bit = False
     device = resolve_device(cfg.model.device)
     model, tokenizer = load_model_for_eval(cfg, run_dir, device)
     dtype = next(model.parameters()).dtype
-    before = _logits(model, tokenizer, device)
+    before = _logits(model, tokenizer, device)  # the model that was trained and evaluated
+    if cfg.model.load_in_4bit:
+        # fold the deltas into the weights they were trained on: the 4-bit base, dequantized
+        del model
+        base = dequantize_4bit(load_model(cfg.model, materialize(cfg.model.name), device))
+        model = method.load_for_inference(base, artifact)
     merged = method.merge(model)
     after = _logits(merged, tokenizer, device)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
@@ -91,6 +101,10 @@ def merge_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None, overwr
         )
     log.info(f"merge check passed: max |logit difference| = {max_diff:.2e} (tolerance {tol:g})")
     report = {"max_abs_logit_diff": max_diff, "tolerance": tol, "dtype": str(dtype), "method": method.name}
+    if cfg.model.load_in_4bit:
+        report["quantized_base"] = "nf4"
+        report["lossy"] = QUANTIZED_MERGE_NOTE
+        log.warning(f"4-bit run: {QUANTIZED_MERGE_NOTE}")
     tmp = make_temp_dir(out_dir.parent, ".merged-")
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -47,7 +47,8 @@ class ModelConfig:
     )
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     load_in_4bit: bool = opt(
-        False, "Load the base in 4-bit NF4 through bitsandbytes (QLoRA/QRoSA). Needs CUDA."
+        False, "Load the base in 4-bit NF4 through bitsandbytes (QLoRA/QRoSA), on CUDA or on the CPU "
+        "(bitsandbytes >= 0.48; probed when the config is read)."
     )
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
     trust_remote_code: bool = opt(False, "Allow model code from the Hub (only for models that need it).")

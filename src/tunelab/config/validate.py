@@ -49,16 +49,7 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
         p.append(f"eval.limit must be a positive number of examples or null, got {e.limit}")
     if e.batch_size < 1 or e.max_new_tokens < 1 or e.num_beams < 1:
         p.append("eval.batch_size, eval.max_new_tokens and eval.num_beams must be >= 1")
-    if cfg.model.load_in_4bit:
-        import torch
-
-        if check_env and not torch.cuda.is_available():
-            p.append(
-                "model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); "
-                "this machine has none: set model.load_in_4bit=false to train in full precision"
-            )
-        if cfg.model.device == "cpu":
-            p.append("model.load_in_4bit=true cannot run with model.device=cpu")
+    p.extend(quantization_problems(cfg, check_env))
     if t.parallelism in ("fsdp", "deepspeed"):
         reason = METHODS.get(cfg.method.name).fsdp_unsupported_reason
         if reason:
@@ -109,6 +100,55 @@ def precision_problems(cfg: RunConfig, check_env: bool = True) -> list[str]:
         if check_env and not torch.cuda.is_available():
             p.append("train.precision=fp16-mixed needs a CUDA GPU (fp16 autocast with a gradient scaler): "
                      "use train.precision=bf16-mixed or fp32 on this machine")
+    return p
+
+
+def _run_device(cfg: RunConfig):
+    """The device this run will use, or None where that is not this machine's to say (an unavailable
+    ``model.device=cuda`` is reported when the run starts)."""
+    from tunelab.models import resolve_device
+
+    try:
+        return resolve_device(cfg.model.device)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def quantization_problems(cfg: RunConfig, check_env: bool = True) -> list[str]:
+    """``model.load_in_4bit`` and ``train.optim``: bitsandbytes is probed on the run's device (4-bit
+    forward and backward, an 8-bit AdamW step), so a machine that cannot is told before anything loads."""
+    p: list[str] = []
+    t = cfg.train
+    device = _run_device(cfg) if check_env else None
+    if cfg.model.load_in_4bit and device is not None:
+        from tunelab.models import probe_4bit
+
+        why = probe_4bit(device)
+        if why:
+            p.append(f"model.load_in_4bit=true: {why}. Install a bitsandbytes with 4-bit kernels for this device "
+                     f"(pip install 'bitsandbytes>=0.48'; CPU support needs 0.48 or later), run on a CUDA GPU, "
+                     f"or set model.load_in_4bit=false")
+    if t.optim == "adamw":
+        return p
+    why_not = {  # both measured with bitsandbytes 0.50
+        "fsdp": "bitsandbytes' 8-bit kernels refuse FSDP2's sharded (DTensor) parameters",
+        "deepspeed": "ZeRO hands the optimizer one flat buffer, so the 8-bit blocks straddle tensors and the "
+                     "update is not the same optimizer's (an adapter came out 17% off the run without DeepSpeed)",
+    }.get(t.parallelism)
+    if why_not:
+        p.append(f"train.optim={t.optim} cannot run under train.parallelism={t.parallelism}: {why_not}. "
+                 f"Use train.parallelism=ddp, or train.optim=adamw")
+    on_cpu = cfg.model.device == "cpu" or (device is not None and device.type == "cpu")
+    if t.optim.startswith("paged_") and on_cpu:
+        p.append(f"train.optim={t.optim} needs a CUDA GPU (its optimizer state pages through CUDA unified "
+                 f"memory); this run is on the CPU: use train.optim=adamw_8bit (8-bit state, not paged) or adamw")
+    elif device is not None:
+        from tunelab.methods.base import probe_8bit_optimizer
+
+        why = probe_8bit_optimizer(t.optim, device)
+        if why:
+            p.append(f"train.optim={t.optim}: {why}. Install bitsandbytes (pip install 'bitsandbytes>=0.48'), "
+                     f"or set train.optim=adamw")
     return p
 
 

@@ -7,7 +7,7 @@ hooks, in this order::
     method = get_method(cfg.method.name)(cfg.method)
     problems = Method.validate(run_cfg)          # at config parse time, before any loading
     model = method.prepare(model, run_cfg)       # add adapters, set requires_grad
-    optimizer = method.build_optimizer(model, run_cfg.train)   # AdamW over param_groups() by default
+    optimizer = method.build_optimizer(model, run_cfg.train)   # train.optim over param_groups() by default
     for cb in method.callbacks(): ...            # step hooks (RoSA masks, GaLore bookkeeping)
     method.trainable_state_dict(model)           # what a resumable checkpoint must hold
     method.save_artifact(model, run_dir / method.artifact_dir)  # final adapter or full model
@@ -16,10 +16,14 @@ hooks, in this order::
 
 Each method registers itself next to its class with ``@METHODS.register`` (:mod:`tunelab.registry`);
 ``tunelab.methods`` imports every method module by name.
+
+:func:`make_optimizer` turns ``train.optim`` into torch's AdamW or a bitsandbytes 8-bit AdamW for
+every method's parameter groups (GaLore, which builds its own optimizer, refuses the 8-bit ones).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -122,18 +126,11 @@ class Method:
         return [{"params": params, "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay}]
 
     def build_optimizer(self, model: nn.Module, train_cfg: "TrainConfig") -> torch.optim.Optimizer:
+        """``train.optim`` over :meth:`param_groups` (each group keeps its own lr and weight decay)."""
         groups = [g for g in self.param_groups(model, train_cfg) if g["params"]]
         if not groups:
             raise ValueError(f"method '{self.name}' left no trainable parameters")
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(
-            groups,
-            lr=train_cfg.lr,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-            eps=train_cfg.adam_eps,
-            weight_decay=train_cfg.weight_decay,
-            fused=fused or None,
-        )
+        return make_optimizer(groups, train_cfg)
 
     def callbacks(self) -> list[Callback]:
         return []
@@ -169,3 +166,59 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """Return a plain transformers model with the method's deltas folded into the weights."""
         raise NotImplementedError
+
+
+# ---- the optimizer of train.optim -------------------------------------------------------------
+#: train.optim -> bitsandbytes optimizer class (adamw is torch's own)
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def make_optimizer(groups: list[dict[str, Any]], train_cfg: "TrainConfig") -> torch.optim.Optimizer:
+    """The one place ``train.optim`` becomes an optimizer, for every method's parameter groups.
+
+    ``adamw``: torch AdamW, fused when every parameter is on CUDA (torch's foreach default elsewhere).
+    ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes' AdamW8bit / PagedAdamW8bit: both moments in
+    blockwise 8-bit (tensors under 4096 elements keep fp32 moments, bitsandbytes' ``min_8bit_size``),
+    the same lr / betas / eps / decoupled weight decay; their state is plain tensors, so checkpoints
+    load with ``weights_only=True`` and a resume continues bit for bit.
+    """
+    common = dict(lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                  eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay)
+    optim = getattr(train_cfg, "optim", "adamw")
+    if optim == "adamw":
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, fused=fused or None, **common)
+    if optim not in BNB_OPTIMIZERS:
+        raise ValueError(f"train.optim={optim!r} is unknown (known: adamw, {', '.join(BNB_OPTIMIZERS)})")
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:
+        raise RuntimeError(f"train.optim={optim} needs bitsandbytes ({exc}): pip install 'bitsandbytes>=0.48', "
+                           "or set train.optim=adamw") from exc
+    if optim.startswith("paged_") and not all(p.is_cuda for g in groups for p in g["params"]):
+        raise RuntimeError(f"train.optim={optim} needs the parameters on a CUDA GPU: use train.optim=adamw_8bit")
+    return getattr(bnb.optim, BNB_OPTIMIZERS[optim])(groups, **common)
+
+
+def probe_8bit_optimizer(optim: str, device: torch.device) -> str | None:
+    """Why ``train.optim`` (a bitsandbytes optimizer) cannot step on ``device`` (None when it can):
+    one step on a tensor large enough for 8-bit state, checked to be finite and to move the weight."""
+    return _probe_8bit_optimizer(optim, str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_8bit_optimizer(optim: str, device: str) -> str | None:
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a native library that does not load
+        return f"bitsandbytes does not import ({type(exc).__name__}: {str(exc)[:200]})"
+    try:
+        w = nn.Parameter(torch.ones(4096, device=device))
+        w.grad = torch.full_like(w, 0.5)
+        opt = getattr(bnb.optim, BNB_OPTIMIZERS[optim])([w], lr=0.1)
+        opt.step()
+        if opt.state[w]["state1"].dtype != torch.uint8 or not torch.isfinite(w).all() or bool((w >= 1).any()):
+            return f"bitsandbytes {bnb.__version__} {BNB_OPTIMIZERS[optim]} does not step correctly on {device}"
+    except Exception as exc:  # a device without the 8-bit kernels raises from the native library
+        return f"bitsandbytes {BNB_OPTIMIZERS[optim]} does not run on {device} ({type(exc).__name__}: {str(exc)[:200]})"
+    return None

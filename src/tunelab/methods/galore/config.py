@@ -39,7 +39,8 @@ class GaloreConfig(MethodConfig):
         False, "Lower the rank to a layer's smaller dimension instead of failing when it is larger."
     )
     optim_8bit: bool = opt(
-        False, "Keep the Adam moments (of tensors >= 4096 elements) in bitsandbytes blockwise 8-bit. Needs CUDA."
+        False, "Keep the Adam moments (of tensors >= 4096 elements) in bitsandbytes blockwise 8-bit (CPU or CUDA). "
+        "GaLore's own 8-bit switch: train.optim stays adamw."
     )
     layerwise: bool = opt(
         False, "Update each weight inside backward and free its gradient at once (saves the gradient "

@@ -63,6 +63,27 @@ def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> dic
     return out
 
 
+def _probe_8bit_moments(device_spec: str) -> str | None:
+    """Why the 8-bit moments cannot be stored on the run's device (None when they can): a blockwise
+    8-bit round trip of a moment-sized tensor, as :class:`BlockwiseQuantizer8bit` does every step."""
+    from tunelab.methods.galore.quant8bit import BlockwiseQuantizer8bit
+    from tunelab.models import resolve_device
+
+    try:
+        device = resolve_device(device_spec)
+    except RuntimeError:  # model.device=cuda without CUDA: reported when the run starts
+        return None
+    try:
+        quant = BlockwiseQuantizer8bit()
+        x = torch.linspace(-1, 1, 1024, device=device)
+        back = quant.dequantize(*quant.quantize(x, signed=True), signed=True)
+        if not torch.allclose(back, x, atol=2e-2):
+            return f"bitsandbytes blockwise 8-bit is wrong on {device} (max error {float((back - x).abs().max()):.3g})"
+    except Exception as exc:  # ImportError, or a device without the native kernels
+        return f"bitsandbytes blockwise 8-bit does not run on {device} ({type(exc).__name__}: {str(exc)[:200]})"
+    return None
+
+
 class GaloreCallback(Callback):
     """Drives layer-wise mode (start of each step) and checks what cannot work at run time."""
 
@@ -133,15 +154,14 @@ class GaloreMethod(FullMethod):
             p.append("method.target_modules is empty: use 'all-linear' or a list such as [q_proj, v_proj]")
         elif isinstance(c.target_modules, str) and not c.target_modules.strip():
             p.append("method.target_modules is empty: use 'all-linear' or a list such as [q_proj, v_proj]")
+        if run_cfg.train.optim != "adamw":
+            p.append(f"method=galore builds its own optimizer (GaLoreAdamW), so train.optim={run_cfg.train.optim} "
+                     "cannot apply: set train.optim=adamw, and method.optim_8bit=true for 8-bit Adam moments")
         if c.optim_8bit:
-            try:
-                import bitsandbytes  # noqa: F401
-            except Exception:  # ImportError or a broken native library
-                p.append("method.optim_8bit=true needs bitsandbytes: pip install bitsandbytes "
-                         "(or set method.optim_8bit=false)")
-            if not torch.cuda.is_available() or run_cfg.model.device == "cpu":
-                p.append("method.optim_8bit=true needs a CUDA GPU (bitsandbytes 8-bit optimizer states); "
-                         "this run is on the CPU: set method.optim_8bit=false")
+            why = _probe_8bit_moments(run_cfg.model.device)
+            if why:
+                p.append(f"method.optim_8bit=true: {why}. Install bitsandbytes (pip install 'bitsandbytes>=0.48', "
+                         "whose blockwise 8-bit runs on CPU and CUDA), or set method.optim_8bit=false")
         if c.layerwise:
             if run_cfg.train.max_grad_norm > 0:
                 p.append(
@@ -193,6 +213,9 @@ class GaloreMethod(FullMethod):
 
     def build_optimizer(self, model: nn.Module, train_cfg: TrainConfig) -> GaLoreAdamW:
         c: GaloreConfig = self.config  # type: ignore[assignment]
+        if getattr(train_cfg, "optim", "adamw") != "adamw":
+            raise ValueError(f"method=galore builds its own optimizer: train.optim={train_cfg.optim} cannot apply "
+                             "(set train.optim=adamw, and method.optim_8bit=true for 8-bit Adam moments)")
         targets = self._check_targets(model)
         target_ids = {id(w) for w in targets.values()}
         projected, plain = [], []
