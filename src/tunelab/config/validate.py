@@ -91,7 +91,7 @@ def precision_problems(cfg: RunConfig, check_env: bool = True) -> list[str]:
         p.append(f"train.precision=fp32 with model.dtype={dtype}: set model.dtype=auto, or train.precision=bf16-mixed")
     if precision == "bf16-true" and dtype not in ("auto", "bfloat16"):
         p.append(f"train.precision=bf16-true loads bfloat16 weights, but model.dtype={dtype}: set model.dtype=auto")
-    if precision == "bf16-true" and getattr(METHODS.get(cfg.method.name), "updates_base_weights", False):
+    if precision == "bf16-true" and METHODS.get(cfg.method.name).updates_base_weights:
         p.append(f"train.precision=bf16-true would update method={cfg.method.name}'s bf16 weights directly, where "
                  "small updates round to nothing: use train.precision=bf16-mixed (fp32 master weights)")
     if precision == "fp16-mixed":

@@ -97,6 +97,9 @@ class Method:
     display_order: ClassVar[int] = 50
     #: the method's config key that is its size knob on a "quality vs rank" figure, or None
     rank_key: ClassVar[str | None] = None
+    #: True when the base model's own weights train (full fine-tuning, GaLore): train.precision=bf16-true,
+    #: which would update them in bf16, is then refused
+    updates_base_weights: ClassVar[bool] = False
     #: passed to DistributedDataParallel: True when some trainable parameters get no gradient on
     #: some steps (e.g. RoSA's sparse values before the mask exists)
     ddp_find_unused_parameters: ClassVar[bool] = False
