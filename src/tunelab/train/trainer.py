@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import sys
 import time
@@ -66,10 +67,19 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
     ``overwrite`` lets it write into a folder that holds files tunelab did not make (see
     :func:`tunelab.rundir.claim_folder`); tunelab then replaces only its own files there.
     """
-    with one_process_group(cfg.train.parallelism == "deepspeed", cfg.model.device):
-        trainer = Trainer(cfg, resume, overwrite)
-        trainer.setup()
-        return trainer.fit()
+    import torch.distributed as dist
+
+    # a torchrun/srun rank whose group this call creates also destroys it: left to interpreter exit, the
+    # group's threads were seen to abort a finished DeepSpeed rank ("terminate called without an active exception")
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        with one_process_group(cfg.train.parallelism == "deepspeed", cfg.model.device):
+            trainer = Trainer(cfg, resume, overwrite)
+            trainer.setup()
+            return trainer.fit()
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class Trainer:
