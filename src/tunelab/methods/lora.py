@@ -4,13 +4,16 @@ W' = W + (alpha / r) · B·A with A (r×n) and B (m×r, zero-initialised) traine
 (Hu et al., arXiv 2106.09685). rsLoRA scales by alpha/sqrt(r) (arXiv 2312.03732); DoRA splits
 magnitude and direction (arXiv 2402.09353); QLoRA keeps W in 4-bit NF4 (arXiv 2305.14314).
 The adapter is saved in PEFT's own format, so ``PeftModel.from_pretrained(base, RUN/adapter)`` loads it.
+Training builds PEFT's layers except on plain ``nn.Linear`` targets, where
+:mod:`tunelab.methods.lora_dropout` keeps the adapter-input dropout's mask as one bit per element
+instead of a dropped-out copy of every layer's input (PEFT's numbers, less memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from torch import nn
 
@@ -48,6 +51,9 @@ class LoraMethod(Method):
     rank_key = "rank"
     config_cls = LoraConfig
     artifact_dir = "adapter"
+    #: train with :class:`~tunelab.methods.lora_dropout.BitMaskDropoutLinear` layers (False: PEFT's
+    #: stock layers, which keep a dropped-out copy of each input; bench/bench_memory.py compares them)
+    bit_mask_dropout: ClassVar[bool] = True
 
     @classmethod
     def validate(cls, run_cfg: RunConfig) -> list[str]:
@@ -70,7 +76,7 @@ class LoraMethod(Method):
 
         c: LoraConfig = self.config  # type: ignore[assignment]
         init = True if c.init == "default" else c.init
-        return peft.LoraConfig(
+        config = peft.LoraConfig(
             r=c.rank,
             lora_alpha=c.alpha,
             lora_dropout=c.dropout,
@@ -84,6 +90,11 @@ class LoraMethod(Method):
             alpha_pattern=dict(c.alpha_pattern),
             task_type="CAUSAL_LM",
         )
+        if self.bit_mask_dropout:
+            from tunelab.methods import lora_dropout
+
+            lora_dropout.register(config)
+        return config
 
     def prepare(self, model: nn.Module, run_cfg: RunConfig) -> nn.Module:
         import peft

@@ -1,0 +1,352 @@
+"""LoRA's dropout keeps a 1-bit mask, not a dropped-out input copy: PEFT's numbers and adapter format.
+
+`tunelab.methods.lora_dropout.BitMaskDropoutLinear` is PEFT's ``lora.Linear`` whose training forward
+computes ``dropout(x) @ A^T`` in one autograd function that saves ``x``, ``A`` and the mask as bits.
+These tests pin what that promises: the same logits, gradients and RNG stream as PEFT's stock layers
+(dropout 0 and dropout > 0, also under bf16 autocast and gradient checkpointing), a correct dropout
+whose one mask serves forward and backward (both of torch's dropout code paths), the same for a 4-bit
+(QLoRA) base and under FSDP2, the adapter plain PEFT loads, and (measured by the profiler's allocation
+records, not timed) no dropped-out copy held for backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tunelab.config import load_config
+from tunelab.methods.lora import LoraMethod
+from tunelab.methods.lora_dropout import (
+    BitMaskDropoutLinear, PlainLinear, _DropoutDownProjection, apply_mask, bnb_layers, dropout_with_mask, pack_bits,
+    unpack_bits,
+)
+
+ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora(tiny_model_dir, dropout: float, bit_mask: bool, monkeypatch):
+    """The tiny model with tunelab's LoRA (r 4), B initialised non-zero so A gets gradients too."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(LoraMethod, "bit_mask_dropout", bit_mask)
+    cfg = load_config(overrides=[f"model={tiny_model_dir}", "method=lora", "method.rank=4",
+                                 f"method.dropout={dropout}"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)  # lora_A's init
+    model = LoraMethod(cfg.method).prepare(base, cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.train()
+
+
+def _step(model, seed: int = 3, context=contextlib.nullcontext):
+    """Logits, gradients and the RNG state after one forward + backward from a fixed RNG state."""
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(seed)
+    with context():
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads, torch.get_rng_state()
+
+
+def _assert_same_step(a, b):
+    assert torch.equal(a[0], b[0]), "logits differ"
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+    assert torch.equal(a[2], b[2]), "the RNG stream advanced differently"
+
+
+def test_training_layers_are_pefts_lora_linear_with_a_bit_mask_dropout(tiny_model_dir, monkeypatch):
+    model = _lora(tiny_model_dir, 0.1, True, monkeypatch)
+    layers = {n: m for n, m in model.named_modules() if n.endswith(ADAPTED)}
+    assert len(layers) == 2 * len(ADAPTED)
+    assert all(type(m) is BitMaskDropoutLinear for m in layers.values())
+    assert all(isinstance(m, peft.tuners.lora.Linear) for m in layers.values())  # PEFT's merge, state names
+    stock = _lora(tiny_model_dir, 0.1, False, monkeypatch)
+    assert all(type(m) is peft.tuners.lora.Linear for n, m in stock.named_modules() if n.endswith(ADAPTED))
+    assert model.state_dict().keys() == stock.state_dict().keys()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_logits_gradients_and_rng_equal_pefts(tiny_model_dir, monkeypatch, dropout):
+    """Bit for bit: with dropout 0, and with dropout 0.1 (the same mask as PEFT's nn.Dropout draws)."""
+    ours = _step(_lora(tiny_model_dir, dropout, True, monkeypatch))
+    stock = _step(_lora(tiny_model_dir, dropout, False, monkeypatch))
+    _assert_same_step(ours, stock)
+    if dropout:  # the dropout is really applied: another RNG state gives other logits
+        assert not torch.equal(ours[0], _step(_lora(tiny_model_dir, dropout, True, monkeypatch), seed=4)[0])
+
+
+def test_equal_to_peft_under_bf16_autocast_and_gradient_checkpointing(tiny_model_dir, monkeypatch):
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    _assert_same_step(_step(_lora(tiny_model_dir, 0.1, True, monkeypatch), context=autocast),
+                      _step(_lora(tiny_model_dir, 0.1, False, monkeypatch), context=autocast))
+    models = []
+    for bit_mask in (True, False):
+        m = _lora(tiny_model_dir, 0.1, bit_mask, monkeypatch)
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+        models.append(m)
+    _assert_same_step(_step(models[0]), _step(models[1]))
+
+
+def test_eval_and_no_grad_apply_no_dropout(tiny_model_dir, monkeypatch):
+    ours, stock = _lora(tiny_model_dir, 0.3, True, monkeypatch), _lora(tiny_model_dir, 0.3, False, monkeypatch)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        train_nograd = ours(input_ids=ids).logits  # train mode without autograd: PEFT's own forward
+        torch.manual_seed(0)
+        assert torch.equal(train_nograd, stock(input_ids=ids).logits)
+        ours.eval(), stock.eval()
+        evaluated = ours(input_ids=ids).logits
+        assert torch.equal(evaluated, stock(input_ids=ids).logits)
+        assert torch.equal(evaluated, ours(input_ids=ids).logits)  # no mask in eval
+
+
+def _one_layer(p: float, n_in: int = 64, r: int = 8) -> BitMaskDropoutLinear:
+    """A single adapted Linear(n_in -> r), base weight 0, A = 1, B = I, scaling 1: the output is the
+    base's bias + dropout(x) summed over features, once per output."""
+    cfg = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=p, target_modules=["proj"])
+    layer = BitMaskDropoutLinear(nn.Linear(n_in, r), "default", config=cfg, r=r, lora_alpha=r)
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A["default"].weight.fill_(1.0)
+        layer.lora_B["default"].weight.copy_(torch.eye(r))
+    return layer.train()
+
+
+def test_dropout_is_unbiased_and_backward_reuses_the_forward_mask():
+    p, tokens = 0.3, 4096
+    layer = _one_layer(p)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    torch.manual_seed(123)
+    out = layer(x)
+    torch.rand(10_000)  # backward must not depend on the global RNG's state at backward time
+    out.sum().backward()
+    # d(sum(out))/dx = mask / (1 - p) * (the r rows of A summed) = mask / (1 - p) * r
+    scaled_mask = x.grad / 8
+    kept = scaled_mask != 0
+    assert torch.allclose(scaled_mask[kept], torch.full_like(scaled_mask[kept], 1 / (1 - p)))
+    frac_dropped = 1 - kept.float().mean().item()
+    sigma = (p * (1 - p) / kept.numel()) ** 0.5
+    assert abs(frac_dropped - p) < 5 * sigma  # E[mask / (1 - p)] = 1: an unbiased dropout
+    # the forward used that same mask: out - base(x) == (x * mask / (1 - p)) @ A^T
+    with torch.no_grad():
+        expected = (x * scaled_mask).sum(1, keepdim=True).expand(-1, 8)
+        torch.testing.assert_close(out - layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
+    # and it is the mask nn.Dropout draws from the same RNG state
+    torch.manual_seed(123)
+    assert torch.equal(nn.functional.dropout(torch.ones_like(x), p, training=True), scaled_mask)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["bernoulli-noise", "native_dropout"])
+def test_gradients_equal_a_reference_with_the_same_mask(fused, monkeypatch):
+    """Both of F.dropout's code paths (CPU's noise tensor; CUDA's fused native_dropout, forced here on
+    CPU): outputs and gradients of x and A equal plain autograd through x * mask / (1 - p) @ A^T."""
+    import tunelab.methods.lora_dropout as ld
+
+    monkeypatch.setattr(ld, "FUSED_DROPOUT_DEVICES", ("cpu",) if fused else ())
+    p = 0.25
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, 37, generator=gen).requires_grad_()  # 3-D like a batch; 5550 bits pad to 694 bytes
+    a = torch.randn(6, 37, generator=gen).requires_grad_()
+    g = torch.randn(3, 50, 6, generator=gen)
+    torch.manual_seed(9)
+    h = _DropoutDownProjection.apply(x, a, p, torch.float32)
+    torch.rand(100)
+    (h * g).sum().backward()
+    torch.manual_seed(9)
+    _, mask = dropout_with_mask(x.detach(), p, fused)
+    x_ref, a_ref = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    h_ref = (x_ref * mask / (1 - p)) @ a_ref.t()
+    (h_ref * g).sum().backward()
+    torch.testing.assert_close(h, h_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-5, atol=1e-5)
+    # the forward's dropped values are F.dropout's (on this path's device), and re-applying the saved
+    # mask to x in backward gives exactly those values
+    torch.manual_seed(9)
+    dropped, mask = dropout_with_mask(x.detach(), p, fused)
+    torch.manual_seed(9)
+    reference = torch.native_dropout(x.detach(), p, True)[0] if fused else nn.functional.dropout(x.detach(), p, True)
+    assert torch.equal(dropped, reference)
+    assert torch.equal(apply_mask(x.detach(), mask, p, fused), dropped)
+
+
+@pytest.mark.parametrize("shape", [(8,), (3, 5), (2, 7, 9), (1,), (0, 4)])
+def test_bit_packing_round_trips(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(bits, mask.shape), mask)
+
+
+def _held_after_forward(model) -> int:
+    """Bytes allocated and not freed during one training forward (what backward will read), measured
+    by the profiler's allocation records: deterministic, no timing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 1000, (4, 96), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model(input_ids=ids, labels=ids).loss
+    held = sum(e.self_cpu_memory_usage for e in prof.key_averages())
+    loss.backward()
+    return held
+
+
+def test_no_dropped_out_input_copy_is_held_for_backward(tiny_model_dir, monkeypatch):
+    stock = _lora(tiny_model_dir, 0.1, False, monkeypatch)
+    inputs = []  # numel of every adapted layer's input: PEFT keeps a float copy of each + its mask (>= 1 byte)
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.append(a[0].numel()))
+             for n, m in stock.named_modules() if n.endswith(ADAPTED)]
+    stock_held = _held_after_forward(stock)
+    for h in hooks:
+        h.remove()
+    copies = sum(inputs) * (4 + 1)
+    ours_held = _held_after_forward(_lora(tiny_model_dir, 0.1, True, monkeypatch))
+    floor = _held_after_forward(_lora(tiny_model_dir, 0.0, False, monkeypatch))  # PEFT without dropout
+    assert stock_held - floor >= 0.95 * copies  # what PEFT pays for its dropout
+    bits = sum(-(-n // 8) for n in inputs)  # ours: the packed masks, one bit per element
+    assert ours_held - floor <= bits, (ours_held - floor, bits, copies)
+
+
+def test_dispatch_keys_match_only_their_exact_layer_types():
+    import bitsandbytes as bnb
+
+    (key_4bit,) = bnb_layers()
+    assert isinstance(nn.Linear(4, 4), PlainLinear) and not isinstance(nn.Linear(4, 4), key_4bit)
+    assert isinstance(bnb.nn.Linear4bit(64, 64), key_4bit) and not isinstance(bnb.nn.Linear4bit(64, 64), PlainLinear)
+    assert not isinstance(bnb.nn.Linear8bitLt(64, 64), PlainLinear)  # 8-bit keeps PEFT's own layer
+    assert not isinstance(bnb.nn.Linear8bitLt(64, 64), key_4bit)
+    assert not isinstance(nn.Embedding(4, 4), PlainLinear)
+
+
+def _qlora(tiny_model_dir, bit_mask: bool, monkeypatch):
+    """The tiny model with a 4-bit NF4 base (bitsandbytes on CPU) and LoRA r 4, dropout 0.1."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    monkeypatch.setattr(LoraMethod, "bit_mask_dropout", bit_mask)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, device_map={"": "cpu"})
+    cfg = load_config(overrides=["method=lora", "method.rank=4", "method.dropout=0.1"])
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, LoraMethod(cfg.method).peft_config())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.train()
+
+
+def test_qlora_layers_use_the_bit_mask_and_equal_pefts(tiny_model_dir, monkeypatch):
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    ours, stock = _qlora(tiny_model_dir, True, monkeypatch), _qlora(tiny_model_dir, False, monkeypatch)
+    layers = [m for n, m in ours.named_modules() if n.endswith(ADAPTED)]
+    assert len(layers) == 2 * len(ADAPTED)
+    assert all(type(m) is next(iter(bnb_layers().values())) and isinstance(m, PeftLinear4bit) for m in layers)
+    assert all(type(m) is PeftLinear4bit for n, m in stock.named_modules() if n.endswith(ADAPTED))
+    _assert_same_step(_step(ours), _step(stock))
+
+
+def test_trained_adapter_is_pefts_format_and_equals_a_stock_peft_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Through tunelab's trainer with dropout 0.1: the same adapter bytes as with PEFT's stock layers,
+    the same adapter_config.json, and plain PeftModel.from_pretrained loads it."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train import train
+
+    def run(out, bit_mask):
+        monkeypatch.setattr(LoraMethod, "bit_mask_dropout", bit_mask)
+        train(load_config(overrides=[
+            f"model={tiny_model_dir}", "task=gsm8k", "data.limit=8", "data.max_length=96", "train.batch_size=4",
+            "method=lora", "method.rank=4", "method.dropout=0.1", "train.max_steps=2", "train.lr=1e-2",
+            "train.report_to=[]", "train.progress_bar=false", f"out={out}"]))
+        return out / "adapter"
+
+    ours, stock = run(tmp_path / "ours", True), run(tmp_path / "stock", False)
+    a, b = load_file(str(ours / "adapter_model.safetensors")), load_file(str(stock / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    cfg = json.loads((ours / "adapter_config.json").read_text())
+    assert cfg == json.loads((stock / "adapter_config.json").read_text())
+    assert not any("custom" in k for k in cfg)
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(ours))
+    assert all(type(m) is peft.tuners.lora.Linear for n, m in loaded.named_modules() if n.endswith(ADAPTED))
+
+
+LAYER_HOOK = '''
+import os
+from tunelab.methods.lora import LoraMethod
+
+LoraMethod.bit_mask_dropout = os.environ["TEST_BIT_MASK_DROPOUT"] == "1"
+_prepare = LoraMethod.prepare
+
+
+def _logged_prepare(self, model, run_cfg):
+    model = _prepare(self, model, run_cfg)
+    names = sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")})
+    with open(os.path.join(os.environ["TEST_LAYER_LOG"], f"{os.getpid()}.txt"), "w") as fh:
+        fh.write(",".join(names))
+    return model
+
+
+LoraMethod.prepare = _logged_prepare
+'''
+
+
+def test_fsdp_two_ranks_with_dropout_train_the_adapter_pefts_layers_train(tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP2 (2 gloo ranks, parameters sharded per decoder layer and unsharded around each block's
+    forward and backward), dropout 0.1: the bit-mask layers give PEFT's stock layers' adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    for k, v in {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
+                 "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(LAYER_HOOK)
+
+    def run(name: str, bit_mask: bool):
+        out, layers = tmp_path / name, tmp_path / f"{name}-layers"
+        layers.mkdir()
+        env = dict(os.environ, TEST_BIT_MASK_DROPOUT="1" if bit_mask else "0", TEST_LAYER_LOG=str(layers),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
+        cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", f"model={tiny_model_dir}", "task=gsm8k",
+               "method=lora", "method.rank=4", "method.dropout=0.1", "data.limit=16", "data.max_length=96",
+               "train.batch_size=2", "train.max_steps=3", "train.lr=1e-2", "model.device=cpu",
+               "train.parallelism=fsdp", "train.report_to=[]", "train.progress_bar=false", f"out={out}"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 0, log[-3000:]
+        return load_file(str(out / "adapter" / "adapter_model.safetensors")), {
+            f.read_text() for f in layers.iterdir()}
+
+    ours, ours_layers = run("ours", True)
+    stock, stock_layers = run("stock", False)
+    assert ours_layers == {"BitMaskDropoutLinear"} and stock_layers == {"Linear"}  # each rank, each run
+    assert ours.keys() == stock.keys() and all(torch.equal(ours[k], stock[k]) for k in ours)
+    assert any(float(v.abs().max()) > 1e-3 for k, v in ours.items() if "lora_B" in k)  # it trained
