@@ -16,6 +16,7 @@ from tunelab.config.schema import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    HarnessConfig,
     MethodConfig,
     ModelConfig,
     RunConfig,
@@ -41,7 +42,7 @@ from tunelab.config.build import (
 )
 
 __all__ = [
-    "SHORTHANDS", "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "MethodConfig",
+    "SHORTHANDS", "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "HarnessConfig", "RunConfig", "MethodConfig",
     "TaskConfig", "opt", "load_config", "build_config", "build_dataclass", "parse_overrides", "parse_value",
     "deep_merge", "config_to_dict", "config_from_dict", "save_config", "method_config_classes",
     "task_config_classes", "field_help", "validate", "deepspeed_settings",

@@ -45,7 +45,7 @@ def task_config_classes() -> dict[str, type]:
 # Parsing
 # --------------------------------------------------------------------------------------------
 
-SHORTHANDS = {"method": "method.name", "task": "task.name", "model": "model.name"}
+SHORTHANDS = {"method": "method.name", "task": "task.name", "model": "model.name", "harness": "harness.tasks"}
 
 
 def parse_value(text: str) -> Any:
@@ -278,6 +278,8 @@ def _normalise_shorthands(raw: dict) -> dict:
     for key in ("method", "task", "model"):
         if isinstance(out.get(key), str):
             out[key] = {"name": out[key]}
+    if isinstance(out.get("harness"), (str, list)):  # harness: gsm8k / harness: [gsm8k, arc_easy]
+        out["harness"] = {"tasks": out["harness"]}
     return out
 
 

@@ -61,6 +61,20 @@ class TaskConfig:
     """Base of every task's config; ``name`` selects the task."""
 
     name: str = opt("gsm8k", "Task name (see `tunelab train --help` for the list).")
+    prompt_format: Literal["plain", "chat"] = opt(
+        "plain",
+        "How a prompt and its response become text: 'plain' = the task's own template (the original "
+        "project's), 'chat' = the tokenizer's chat template (the prompt as the user turn, the response as "
+        "the assistant turn; generation adds the assistant header). Training, eval and generate alike.",
+    )
+    system_prompt: Optional[str] = opt(
+        None, "With prompt_format=chat: a system turn put before every conversation (null = none)."
+    )
+    chat_template: Optional[str] = opt(
+        None,
+        "With prompt_format=chat: a Jinja chat-template file used instead of the tokenizer's own "
+        "(for tokenizers without one, or to override it).",
+    )
 
 
 @dataclass
@@ -88,6 +102,45 @@ class DataConfig:
         True, "Batch examples of similar length together (less padding); order is still shuffled by seed."
     )
     shuffle: bool = opt(True, "Shuffle the training data each epoch (deterministic by seed).")
+    packing: bool = opt(
+        False,
+        "Padding-free packing: concatenate examples into rows of at most max_length tokens, position ids "
+        "restarting per example and a block-diagonal causal mask, so no example attends to another "
+        "(train.batch_size then counts packed rows).",
+    )
+    train_on: Literal["auto", "assistant", "last", "all"] = opt(
+        "auto",
+        "Which tokens carry the loss: 'assistant' = every assistant turn (the response), 'last' = the "
+        "final assistant turn only, 'all' = every token of the conversation. auto = assistant.",
+    )
+    eval_fraction: float = opt(
+        0.0,
+        "Hold out this fraction of the training data (deterministic by seed, never trained on) as the "
+        "held-out set of train.eval_steps and of tasks without an eval split (0 = none).",
+    )
+    # ---- task=sft: the user's own data --------------------------------------------------------
+    source: Optional[str] = opt(
+        None,
+        "task=sft: where the data comes from: a Hub dataset id, a local file or glob "
+        "(.jsonl/.json/.csv/.parquet/.arrow), or a local folder (loaded with datasets.load_dataset).",
+    )
+    format: Literal["auto", "prompt_response", "alpaca", "messages"] = opt(
+        "auto",
+        "task=sft: the rows' layout: prompt_response (two columns), alpaca (instruction/input/output), "
+        "messages (a list of {role, content}, or ShareGPT's {from, value}). auto = from the columns.",
+    )
+    columns: dict = opt(
+        factory=dict,
+        help="task=sft: the user's column names for the format's fields, e.g. {prompt: question, response: "
+        "answer} or {messages: conversations}.",
+    )
+    subset: Optional[str] = opt(None, "task=sft: the dataset's configuration (subset) name of a Hub dataset.")
+    split: str = opt("train", "task=sft: the split trained on.")
+    eval_split: Optional[str] = opt(
+        "test",
+        "task=sft: the split evaluated (null or absent from the source: the data.eval_fraction held out).",
+    )
+    revision: Optional[str] = opt(None, "task=sft: the Hub dataset's revision (branch, tag or commit).")
 
 
 @dataclass
@@ -126,6 +179,22 @@ class TrainConfig:
         "is alive at once (0 = all at once).",
     )
     logging_steps: int = opt(1, "Write a metrics line every this many optimizer steps.")
+    eval_steps: int = opt(
+        0,
+        "Every this many optimizer steps (and at the end), score a held-out set teacher-forced "
+        "(ref_nll, logged as eval/ref_nll); 0 = never.",
+    )
+    eval_limit: Optional[int] = opt(
+        64, "Held-out examples scored at each eval step: a fixed subset of the task's eval split (null = all)."
+    )
+    eval_generate: bool = opt(
+        False, "At each eval step also generate and score the task metric (slower than ref_nll)."
+    )
+    early_stopping_patience: int = opt(
+        0,
+        "Stop after this many eval steps without a better held-out ref_nll, keeping the best checkpoint "
+        "(0 = never stop early).",
+    )
     save_steps: int = opt(0, "Write a resumable checkpoint every this many optimizer steps, and always at the end (0 = only at the end).")
     keep_checkpoints: int = opt(2, "Keep this many most recent checkpoints.")
     report_to: list[str] = opt(
@@ -159,6 +228,12 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "Maximum generated tokens per example.")
     num_beams: int = opt(1, "Beam search width (1 = greedy).")
     no_repeat_ngram_size: int = opt(0, "Forbid repeating n-grams of this size (0 = off).")
+    decoder: Literal["continuous", "hf"] = opt(
+        "continuous",
+        "Greedy/sampled decoding loop: 'continuous' refills a finished row's slot with the next prompt and "
+        "stops rows by incremental token checks; 'hf' = transformers generate (the reference). Beam search "
+        "always uses transformers generate.",
+    )
     preset: Optional[str] = opt(
         None, "Task-specific generation preset (e.g. 'original' for the original project's settings)."
     )
@@ -168,6 +243,21 @@ class EvalConfig:
         "('ref_nll' in the metrics, lower is better). One forward pass per example, a small cost next "
         "to generation, and far less noisy than accuracy when comparing short runs.",
     )
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run by `tunelab eval` on the loaded model (needs tunelab[harness])."""
+
+    tasks: list[str] = opt(
+        factory=list, help="Harness task names (e.g. [gsm8k, arc_easy]); [] = no harness run. harness=NAME is short for harness.tasks=[NAME]."
+    )
+    num_fewshot: Optional[int] = opt(None, "Few-shot examples per prompt (null = the task's own default).")
+    limit: Optional[int] = opt(None, "Evaluate only the first N documents of each task (null = all).")
+    batch_size: int = opt(16, "Requests per model call.")
+    max_new_tokens: Optional[int] = opt(None, "Token budget of generated answers (null = the task's own).")
+    apply_chat_template: bool = opt(False, "Wrap requests in the tokenizer's chat template (harness option).")
+    log_samples: bool = opt(True, "Write the per-sample log (needed by `tunelab compare`).")
 
 
 @dataclass
@@ -182,3 +272,4 @@ class RunConfig:
     method: MethodConfig = opt(factory=MethodConfig, help="Fine-tuning method and its options.")
     train: TrainConfig = opt(factory=TrainConfig, help="Optimisation.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation / generation.")
+    harness: HarnessConfig = opt(factory=HarnessConfig, help="lm-evaluation-harness tasks (eval only).")

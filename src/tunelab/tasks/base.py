@@ -39,6 +39,10 @@ class Example:
     response: str
     reference: Any = None
     meta: dict = field(default_factory=dict)
+    #: a whole conversation ({"role": system|user|assistant, "content": str} turns) for multi-turn
+    #: data; None = the single turn (prompt as the user turn, response as the assistant turn). When
+    #: set, ``prompt``/``response`` hold the last user turn's context and the final assistant turn.
+    messages: list[dict] | None = None
 
 
 @dataclass
