@@ -36,6 +36,21 @@ class DataStats:
     notes: list[str] = field(default_factory=list)
 
 
+#: mixed into the seed of the held-out draw, so it does not depend on the training order's shuffle
+HELD_OUT_SALT = 7_919
+
+
+def split_held_out(n_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held_out) row indices: ``fraction`` of the rows (at least one when > 0) held out by a
+    seeded draw of its own, so the held-out set is the same whatever data.limit or train_fraction
+    later keep of the rest (data.eval_fraction). Both lists are in row order."""
+    if fraction <= 0.0 or n_rows < 2:
+        return list(range(n_rows)), []
+    n_held = min(n_rows - 1, max(1, int(round(n_rows * fraction))))
+    held = set(random.Random(seed * 1_000_003 + HELD_OUT_SALT).sample(range(n_rows), n_held))
+    return [i for i in range(n_rows) if i not in held], sorted(held)
+
+
 def select_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list[Example]:
     """Deterministic subset: shuffle by seed, keep train_fraction, then at most limit."""
     order = list(range(len(examples)))
