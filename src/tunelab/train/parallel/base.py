@@ -77,13 +77,12 @@ class Backend:
         Computed even without clipping: a non-finite norm stops training *before* the update, so the
         state saved is the last good one. None where gradients live inside an engine (DeepSpeed).
         """
-        with_grad = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        with_grad = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not with_grad:
             return None
-        norm = torch.nn.utils.get_total_norm(with_grad)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], max_grad_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
         return float(full_tensor(norm))
 
     def step(self, model: nn.Module, optimizer, scheduler, max_grad_norm: float, scaler=None) -> Optional[float]:
