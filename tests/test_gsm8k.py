@@ -41,6 +41,9 @@ def test_score_strict_vs_flexible():
     assert scored.metrics["accuracy_strict"] == pytest.approx(1 / 3)
     assert scored.metrics["accuracy_flexible"] == pytest.approx(2 / 3)
     assert [p["correct"] for p in scored.per_example] == [True, False, False]
+    # the answer-format rate counts the official '#### N' line, right or wrong
+    assert scored.metrics["answer_format_rate"] == pytest.approx(2 / 3)
+    assert [p["answer_formatted"] for p in scored.per_example] == [True, False, True]
 
 
 def test_template_shared_and_calculator_annotations_stripped():

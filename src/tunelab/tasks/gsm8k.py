@@ -15,7 +15,9 @@ A real example as the model sees it (prompt, then the training response)::
 
 Scoring (both reported): **strict** reads the number after ``####`` (the official format);
 **flexible** takes the last number in the completion. Both normalise the official way: strip
-``,`` and ``$`` and a trailing ``.`` before the exact string match.
+``,`` and ``$`` and a trailing ``.`` before the exact string match. The **answer-format rate** is
+the share of completions that end in the official ``#### N`` line at all, right or wrong: at 135M
+parameters it moves long before accuracy does.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class Gsm8kTask(Task):
     config_cls = Gsm8kConfig
     data_subdir = "gsm8k"
     primary_metric = "accuracy_strict"
-    example_metrics = {"accuracy_strict": "correct", "accuracy_flexible": "correct_flexible"}
+    example_metrics = {"accuracy_strict": "correct", "accuracy_flexible": "correct_flexible",
+                       "answer_format_rate": "answer_formatted"}
     skip_reason = "lacked a question or an answer with '####'"
     input_fields = ("question",)  # what `tunelab generate --prompt TEXT` fills
 
@@ -140,17 +143,22 @@ class Gsm8kTask(Task):
         return {"strict": extract_strict(completion), "flexible": extract_flexible(completion)}
 
     def score(self, examples, completions):
-        per, strict_ok, flex_ok = [], 0, 0
+        per, strict_ok, flex_ok, formatted = [], 0, 0, 0
         for ex, comp in zip(examples, completions):
             got = self.extract(comp)
             s, f = got["strict"] == ex.reference, got["flexible"] == ex.reference
+            # the official "#### N" answer line, right or wrong: what a small model learns first
+            has_format = got["strict"] is not None
             strict_ok += s
             flex_ok += f
+            formatted += has_format
             per.append({"extracted": got["strict"], "extracted_flexible": got["flexible"],
-                        "expected": ex.reference, "correct": s, "correct_flexible": f})
+                        "expected": ex.reference, "correct": s, "correct_flexible": f,
+                        "answer_formatted": has_format})
         n = max(len(examples), 1)
         return Scored(
-            metrics={"accuracy_strict": strict_ok / n, "accuracy_flexible": flex_ok / n, "n": len(examples)},
+            metrics={"accuracy_strict": strict_ok / n, "accuracy_flexible": flex_ok / n,
+                     "answer_format_rate": formatted / n, "n": len(examples)},
             per_example=per,
         )
 
