@@ -23,13 +23,20 @@ seen by nobody else, it falls back to the unchunked path (see :func:`why_not_chu
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from tunelab.data import IGNORE_INDEX
+from tunelab.data.packing import (
+    SEGMENT_SDPA,
+    VARLEN_ATTENTION,
+    block_causal_mask,
+    cu_seq_lens,
+    register_segment_sdpa,
+)
 
 DEFAULT_CHUNK_TOKENS = 1024  # train.loss_chunk_tokens' default
 
@@ -175,6 +182,11 @@ class TargetPositionSelector:
         if head is None:
             raise ValueError("the model has no output embeddings (lm_head); tunelab trains causal LMs")
         self.head = head
+        config = self.config = getattr(model, "config", None)
+        # packed batches (data.packing): how attention must be told where examples end
+        self.attn_implementation = getattr(config, "_attn_implementation", None)
+        embeddings = model.get_input_embeddings()
+        self.mask_dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
         self.model_reason = _transforms_logits(model)
         self.mask: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
@@ -220,6 +232,34 @@ def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction={reduction!r}: use 'sum', 'mean' or 'none'")
 
 
+def model_inputs(selector: TargetPositionSelector, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's inputs for ``batch``. A packed batch (it has ``position_ids``, data.packing) gets no
+    2D mask, and per attention implementation what keeps its examples apart (see
+    :mod:`tunelab.data.packing`): sdpa switches the model to per-example sdpa and passes the examples'
+    bounds (``cu_seq_lens_q/k``), eager gets the 4D block-diagonal mask, flash-attention the
+    position ids alone (its varlen path); any other implementation is an error."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    positions = batch["position_ids"]
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": positions, "attention_mask": None}
+    impl = selector.attn_implementation
+    if impl in ("sdpa", SEGMENT_SDPA):
+        if impl == "sdpa":
+            # for good, not around the forward: activation checkpointing re-runs it during backward
+            register_segment_sdpa()
+            selector.config._attn_implementation = selector.attn_implementation = SEGMENT_SDPA
+        bounds, longest = cu_seq_lens(positions)
+        inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+    elif impl == "eager" or impl is None:
+        inputs["attention_mask"] = block_causal_mask(positions, selector.mask_dtype)
+    elif impl not in VARLEN_ATTENTION:
+        raise ValueError(
+            f"data.packing=true needs attention that keeps packed examples apart: sdpa, eager or flash-attention's "
+            f"varlen path ({', '.join(VARLEN_ATTENTION)}); the model runs attn_implementation={impl!r}, which "
+            f"supports none of them: set model.attn_implementation=sdpa, or data.packing=false")
+    return inputs
+
+
 def target_loss(model: nn.Module, selector: TargetPositionSelector, batch: dict[str, torch.Tensor],
                 reduction: str = "sum", chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Cross-entropy at the target positions only: their sum, or (``reduction="none"``) one value per
@@ -234,8 +274,9 @@ def target_loss(model: nn.Module, selector: TargetPositionSelector, batch: dict[
     mask[:, :-1] = shifted != IGNORE_INDEX
     targets = shifted[shifted != IGNORE_INDEX]
     selector.mask, selector.targets, selector.chunk_tokens, selector.losses = mask, targets, chunk_tokens, None
+    inputs = model_inputs(selector, batch)
     try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model(**inputs, use_cache=False)
     finally:
         selector.mask = selector.targets = selector._hidden = None
     losses, selector.losses = selector.losses, None

@@ -45,6 +45,7 @@ def task_cases(data) -> dict[str, list[str]]:
                           "task.summary_field=headline", "task.bertscore=false"],
         "jsonl": [f"task.data_dir={data / 'pairs'}", "task.prompt_field=q", "task.response_field=a",
                   'task.template="Q: {q}\\nA:"'],
+        "sft": [f"data.source={data / 'pairs'}", "data.columns={prompt: q, response: a}"],
     }
 
 

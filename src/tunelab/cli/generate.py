@@ -47,7 +47,9 @@ def add_cli(sub) -> None:
     p.add_argument("--base", action="store_true", help="the untrained base model of the config (task=NAME model=...)")
     p.add_argument("--config", "-c", help="YAML experiment file (with --base)")
     p.add_argument("--raw", action="store_true", help="use the text as the whole prompt (no task template, no task stopping rule)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (instruct models)")
+    p.add_argument("--chat", action="store_true", help="chat format for this call: the task prompt as the user turn of the "
+                   "tokenizer's chat template (task.chat_template, task.system_prompt apply); a run trained with "
+                   "task.prompt_format=chat needs no flag")
     p.add_argument("--max-new-tokens", type=int, help=_FIELD_HELP["max_new_tokens"])
     p.add_argument("--temperature", "-t", type=float, default=0.0, help=_FIELD_HELP["temperature"])
     p.add_argument("--top-p", type=float, help=_FIELD_HELP["top_p"])

@@ -65,15 +65,17 @@ class TaskConfig:
         "plain",
         "How a prompt and its response become text: 'plain' = the task's own template (the original "
         "project's), 'chat' = the tokenizer's chat template (the prompt as the user turn, the response as "
-        "the assistant turn; generation adds the assistant header). Training, eval and generate alike.",
+        "the assistant turn; generation adds the assistant header). Training, eval and generate alike. "
+        "Conversations (data.format=messages) under 'plain' become a 'User: ...' / 'Assistant: ...' transcript.",
     )
     system_prompt: Optional[str] = opt(
-        None, "With prompt_format=chat: a system turn put before every conversation (null = none)."
+        None, "With prompt_format=chat (or generate --chat): a system turn put before every conversation "
+        "that has none of its own (null = none; the template's default system turn, if any, stays)."
     )
     chat_template: Optional[str] = opt(
         None,
-        "With prompt_format=chat: a Jinja chat-template file used instead of the tokenizer's own "
-        "(for tokenizers without one, or to override it).",
+        "With prompt_format=chat (or generate --chat): a Jinja chat-template file used instead of the "
+        "tokenizer's own (for tokenizers without one, or to override it); saved with the run's tokenizer.",
     )
 
 
@@ -122,7 +124,8 @@ class DataConfig:
     source: Optional[str] = opt(
         None,
         "task=sft: where the data comes from: a Hub dataset id, a local file or glob "
-        "(.jsonl/.json/.csv/.parquet/.arrow), or a local folder (loaded with datasets.load_dataset).",
+        "(.jsonl/.json/.csv/.parquet/.arrow), or a local folder (loaded with datasets.load_dataset). A relative "
+        "local path is made absolute when the config is read, so the run's config.yaml finds it from anywhere.",
     )
     format: Literal["auto", "prompt_response", "alpaca", "messages"] = opt(
         "auto",
@@ -131,8 +134,8 @@ class DataConfig:
     )
     columns: dict = opt(
         factory=dict,
-        help="task=sft: the user's column names for the format's fields, e.g. {prompt: question, response: "
-        "answer} or {messages: conversations}.",
+        help="task=sft: {format field: your column}, e.g. {prompt: question, response: answer} or "
+        "{messages: dialog}; fields: prompt, response | instruction, input, output | messages, and id.",
     )
     subset: Optional[str] = opt(None, "task=sft: the dataset's configuration (subset) name of a Hub dataset.")
     split: str = opt("train", "task=sft: the split trained on.")
@@ -182,18 +185,23 @@ class TrainConfig:
     eval_steps: int = opt(
         0,
         "Every this many optimizer steps (and at the end), score a held-out set teacher-forced "
-        "(ref_nll, logged as eval/ref_nll); 0 = never.",
+        "(ref_nll, as `tunelab eval` computes it; logged as eval/ref_nll in metrics.jsonl and TensorBoard, "
+        "the curve and best step in results.json's eval block); 0 = never.",
     )
     eval_limit: Optional[int] = opt(
-        64, "Held-out examples scored at each eval step: a fixed subset of the task's eval split (null = all)."
+        64,
+        "Held-out examples scored at each eval step: the first N (fixed order) of the task's eval split "
+        "(eval.split), or of the data.eval_fraction held out of the training data (null = all; more than "
+        "there are = all, with a warning).",
     )
     eval_generate: bool = opt(
         False, "At each eval step also generate and score the task metric (slower than ref_nll)."
     )
     early_stopping_patience: int = opt(
         0,
-        "Stop after this many eval steps without a better held-out ref_nll, keeping the best checkpoint "
-        "(0 = never stop early).",
+        "Stop after this many eval steps without a better held-out ref_nll (0 = never stop early). A "
+        "checkpoint is written at each new best and kept; the run's artifact is the best step's model "
+        "(results.json: eval.best_step, eval.artifact_step).",
     )
     save_steps: int = opt(0, "Write a resumable checkpoint every this many optimizer steps, and always at the end (0 = only at the end).")
     keep_checkpoints: int = opt(2, "Keep this many most recent checkpoints.")
@@ -250,12 +258,16 @@ class HarnessConfig:
     """lm-evaluation-harness tasks run by `tunelab eval` on the loaded model (needs tunelab[harness])."""
 
     tasks: list[str] = opt(
-        factory=list, help="Harness task names (e.g. [gsm8k, arc_easy]); [] = no harness run. harness=NAME is short for harness.tasks=[NAME]."
+        factory=list, help="Harness task names (e.g. [gsm8k, arc_easy]); [] = no harness run. harness=NAME is short for "
+        "harness.tasks=[NAME]. When set, `tunelab eval` runs only the harness (not tunelab's own evaluation) and writes "
+        "RUN/eval/harness/<task>/. gsm8k runs offline from the local GSM8K folder; other tasks need the Hub."
     )
     num_fewshot: Optional[int] = opt(None, "Few-shot examples per prompt (null = the task's own default).")
     limit: Optional[int] = opt(None, "Evaluate only the first N documents of each task (null = all).")
     batch_size: int = opt(16, "Requests per model call.")
-    max_new_tokens: Optional[int] = opt(None, "Token budget of generated answers (null = the task's own).")
+    max_new_tokens: Optional[int] = opt(
+        None, "Token budget of generated answers (null = the task's own max_gen_toks, else the harness's 256)."
+    )
     apply_chat_template: bool = opt(False, "Wrap requests in the tokenizer's chat template (harness option).")
     log_samples: bool = opt(True, "Write the per-sample log (needed by `tunelab compare`).")
 

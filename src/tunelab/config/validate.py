@@ -73,9 +73,94 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
             except ValueError as exc:
                 p.append(str(exc))
     p.extend(precision_problems(cfg, check_env))
+    p.extend(train_eval_problems(cfg))
+    p.extend(packing_problems(cfg))
+    p.extend(prompt_format_problems(cfg))
+    p.extend(user_data_problems(cfg))
     p.extend(METHODS.get(cfg.method.name).validate(cfg))
     p.extend(TASKS.get(cfg.task.name).validate(cfg))
+    p.extend(harness_problems(cfg))
     return p
+
+
+#: below this many tokens a packed row holds hardly more than one example (GSM8K's are ~150 tokens)
+MIN_PACKED_ROW_TOKENS = 64
+
+
+def packing_problems(cfg: RunConfig) -> list[str]:
+    """data.packing: attention that keeps packed examples apart, rows long enough to pack into."""
+    if not cfg.data.packing:
+        return []
+    from tunelab.data.packing import MASK_ATTENTION, VARLEN_ATTENTION
+
+    p = []
+    impl = cfg.model.attn_implementation
+    if impl not in MASK_ATTENTION + VARLEN_ATTENTION:
+        p.append(f"data.packing=true with model.attn_implementation={impl}: packed examples are kept apart only under "
+                 f"{', '.join(MASK_ATTENTION)} (per-example sdpa, a 4D block-diagonal mask) or flash-attention's varlen "
+                 f"path ({', '.join(VARLEN_ATTENTION)}); set model.attn_implementation=sdpa, or data.packing=false")
+    if cfg.data.max_length < MIN_PACKED_ROW_TOKENS:
+        p.append(f"data.packing=true with data.max_length={cfg.data.max_length}: a packed row holds at most max_length "
+                 f"tokens, too few to pack examples into; raise data.max_length to {MIN_PACKED_ROW_TOKENS} or more "
+                 f"(the default 720 suits GSM8K), or set data.packing=false")
+    return p
+
+
+def train_eval_problems(cfg: RunConfig) -> list[str]:
+    """Evaluation during training (train.eval_*, early stopping) and its held-out set (data.eval_fraction).
+
+    Whether the task's eval split exists is known only once the task loads it: the trainer says so then,
+    before the model loads (tunelab.train.evaluator.load_held_out)."""
+    p: list[str] = []
+    t, d = cfg.train, cfg.data
+    if not 0.0 <= d.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction must be in [0, 1) (the share of the training data held out), got {d.eval_fraction}")
+    if t.eval_steps < 0:
+        p.append(f"train.eval_steps must be >= 0 (evaluate every N optimizer steps; 0 = never), got {t.eval_steps}")
+    if t.eval_limit is not None and t.eval_limit <= 0:
+        p.append(f"train.eval_limit must be a positive number of held-out examples or null (all), got {t.eval_limit}")
+    if t.early_stopping_patience < 0:
+        p.append(f"train.early_stopping_patience must be >= 0 (0 = never stop early), got {t.early_stopping_patience}")
+    if t.eval_steps <= 0:
+        if t.early_stopping_patience > 0:
+            p.append(f"train.early_stopping_patience={t.early_stopping_patience} watches the held-out loss, which "
+                     f"needs train.eval_steps > 0: set train.eval_steps=N (e.g. 20), or drop early_stopping_patience")
+        if t.eval_generate:
+            p.append("train.eval_generate=true generates at each eval step, which needs train.eval_steps > 0: "
+                     "set train.eval_steps=N, or drop train.eval_generate")
+    elif d.eval_fraction == 0 and d.eval_split is None:
+        p.append(f"train.eval_steps={t.eval_steps} needs a held-out set, and data.eval_split is null with "
+                 f"data.eval_fraction=0: set data.eval_fraction=0.05 (5% of the training data held out) or "
+                 f"data.eval_split=SPLIT, or set train.eval_steps=0")
+    return p
+
+
+def prompt_format_problems(cfg: RunConfig) -> list[str]:
+    """task.chat_template must name a readable file (a tokenizer without a template is found at load time)."""
+    from pathlib import Path
+
+    path = cfg.task.chat_template
+    if path and not Path(path).expanduser().is_file():
+        return [f"task.chat_template={path}: no such file; give a Jinja chat-template file, or unset it to "
+                f"use the tokenizer's own template"]
+    return []
+
+
+def user_data_problems(cfg: RunConfig) -> list[str]:
+    """data.source and its companions (format, columns, subset, split, eval_split, revision) are read
+    only by task=sft: set with another task they would be silently ignored."""
+    if cfg.task.name == "sft":
+        return []
+    from tunelab.config.schema import DataConfig
+
+    default = DataConfig()
+    changed = [k for k in ("source", "format", "columns", "subset", "split", "eval_split", "revision")
+               if getattr(cfg.data, k) != getattr(default, k)]
+    if not changed:
+        return []
+    keys = ", ".join(f"data.{k}" for k in changed)
+    return [f"{keys} {'is' if len(changed) == 1 else 'are'} read only by task=sft (this run has task={cfg.task.name}, "
+            f"which reads its own data): set task=sft to train on data.source, or drop {keys}"]
 
 
 def precision_problems(cfg: RunConfig, check_env: bool = True) -> list[str]:
@@ -200,3 +285,23 @@ def deepspeed_settings(train_cfg: TrainConfig) -> dict[str, Any]:
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW is a "client" optimizer to DeepSpeed
     ds.setdefault("steps_per_print", 2**31 - 1)  # tunelab logs every step itself
     return ds
+
+
+def harness_problems(cfg: RunConfig) -> list[str]:
+    """Range checks of the harness section (task names are checked against the harness when it runs)."""
+    h, p = cfg.harness, []
+    bad = [t for t in h.tasks if not isinstance(t, str) or not t.strip()]
+    if bad:
+        p.append(f"harness.tasks must be harness task names (e.g. harness=gsm8k or harness=[gsm8k,arc_easy]), got {bad!r}")
+    dup = sorted({t for t in h.tasks if isinstance(t, str) and h.tasks.count(t) > 1})
+    if dup:
+        p.append(f"harness.tasks names {', '.join(dup)} more than once: list each task once")
+    if h.num_fewshot is not None and h.num_fewshot < 0:
+        p.append(f"harness.num_fewshot must be >= 0 (0 = zero-shot) or null (the task's default), got {h.num_fewshot}")
+    if h.limit is not None and h.limit < 1:
+        p.append(f"harness.limit must be >= 1 documents per task or null (all), got {h.limit}")
+    if h.batch_size < 1:
+        p.append(f"harness.batch_size must be >= 1, got {h.batch_size}")
+    if h.max_new_tokens is not None and h.max_new_tokens < 1:
+        p.append(f"harness.max_new_tokens must be >= 1 or null (the task's own budget), got {h.max_new_tokens}")
+    return p

@@ -2,9 +2,10 @@
 
 - :mod:`~tunelab.data.examples`: select examples, tokenize (labels -100 outside the targets), over-long policy
 - :mod:`~tunelab.data.batching`: epochs of length-grouped batches, per-rank streams, padding
+- :mod:`~tunelab.data.packing`: padding-free packed rows (position ids, block-diagonal causal mask)
 """
 
-from tunelab.data.batching import MEGABATCH_FACTOR, MicroBatchStream, collate, epoch_batches, pad_rows
+from tunelab.data.batching import MEGABATCH_FACTOR, MicroBatchStream, collate, epoch_batches, pad_rows, real_tokens
 from tunelab.data.examples import (
     IGNORE_INDEX,
     DataStats,
@@ -24,6 +25,7 @@ __all__ = [
     "collate",
     "epoch_batches",
     "pad_rows",
+    "real_tokens",
     "select_examples",
     "tokenize_example",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from tunelab.config import DataConfig
+from tunelab.config import DataConfig, TaskConfig
+from tunelab.data.render import prepare_tokenizer, render_example
 from tunelab.tasks.base import Example, Task
 from tunelab.utils import log
 
@@ -51,9 +52,10 @@ def split_held_out(n_rows: int, fraction: float, seed: int) -> tuple[list[int], 
     return [i for i in range(n_rows) if i not in held], sorted(held)
 
 
-def select_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list[Example]:
-    """Deterministic subset: shuffle by seed, keep train_fraction, then at most limit."""
-    order = list(range(len(examples)))
+def training_indices(n_rows: int, cfg: DataConfig, seed: int) -> list[int]:
+    """Indices (into ``n_rows`` examples) of what is trained on: the data.eval_fraction held out first
+    (:func:`split_held_out`), then a seeded shuffle, train_fraction, and at most limit of the rest."""
+    order, _ = split_held_out(n_rows, cfg.eval_fraction, seed)
     if cfg.train_fraction < 1.0 or cfg.limit is not None:
         random.Random(seed).shuffle(order)
     keep = len(order)
@@ -61,38 +63,60 @@ def select_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list
         keep = max(1, int(round(len(order) * cfg.train_fraction)))
     if cfg.limit is not None:
         keep = min(keep, cfg.limit)
-    return [examples[i] for i in order[:keep]]
+    return order[:keep]
 
 
-def tokenize_example(ex: Example, tokenizer, max_length: int, overlong: str) -> tuple[TokenizedExample | None, str]:
-    """Prompt + response + EOS, labels -100 on the prompt. Returns (example or None, status)."""
-    prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    total = len(prompt_ids) + len(response_ids)
+def select_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list[Example]:
+    """Deterministic subset: the eval_fraction held out, shuffle by seed, keep train_fraction, then at most limit."""
+    return [examples[i] for i in training_indices(len(examples), cfg, seed)]
+
+
+def held_out_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list[Example]:
+    """The data.eval_fraction of the training examples that :func:`select_examples` never returns, in row order."""
+    return [examples[i] for i in split_held_out(len(examples), cfg.eval_fraction, seed)[1]]
+
+
+def tokenize_example(ex: Example, tokenizer, max_length: int, overlong: str, task_cfg: "TaskConfig | None" = None,
+                     train_on: str = "auto") -> tuple[TokenizedExample | None, str]:
+    """The example rendered in ``task_cfg``'s prompt format (:mod:`tunelab.data.render`; None = plain),
+    labels -100 outside the ``train_on`` targets. Returns (example or None, status).
+
+    Over-long examples keep their start and lose their end (status "truncated"); one whose first
+    target token leaves fewer than 4 tokens of room cannot teach anything and is dropped, as is
+    every over-long example under ``overlong="drop"`` (status "dropped").
+    """
+    rendered = render_example(ex, tokenizer, task_cfg, train_on)
+    ids, labels = rendered.input_ids, rendered.labels
     status = "ok"
-    if total > max_length:
-        # Keep the whole prompt; cut the end of the response. If even the prompt does not leave
-        # room for a few target tokens, the example cannot teach anything: drop it.
-        room = max_length - len(prompt_ids)
-        if overlong == "drop" or room < 4:
+    if len(ids) > max_length:
+        first_target = next((i for i, l in enumerate(labels) if l != IGNORE_INDEX), len(labels))
+        if overlong == "drop" or max_length - first_target < 4:
             return None, "dropped"
-        response_ids = response_ids[:room]
+        ids, labels = ids[:max_length], labels[:max_length]
         status = "truncated"
-    return TokenizedExample(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, ex.id), status
+    return TokenizedExample(ids, labels, ex.id), status
 
 
 def build_train_dataset(task: Task, tokenizer, cfg: DataConfig, seed: int) -> tuple[list[TokenizedExample], DataStats]:
-    examples = task.examples("train", tokenizer=tokenizer, max_prompt_tokens=cfg.max_length - 8)
-    stats = DataStats(rows=len(examples))
-    selected = select_examples(examples, cfg, seed)
+    """The training examples, tokenized: data.limit / train_fraction (and the data.eval_fraction hold-out)
+    choose among the task's usable rows first, and only the chosen rows become examples and tokens."""
+    prepare_tokenizer(tokenizer, task.config)  # a chat format without a template fails here, before any work
+    usable_rows: list[int] = []
+
+    def select(usable: list[int]) -> list[int]:
+        # the same draw as selecting from the list of usable examples (select_examples is item-agnostic),
+        # made before any example is built, so rows data.limit throws away are never tokenized
+        usable_rows[:] = usable
+        return select_examples(usable, cfg, seed)
+
+    selected = task.examples("train", tokenizer=tokenizer, max_prompt_tokens=cfg.max_length - 8, select=select)
+    stats = DataStats(rows=len(usable_rows))
     out = []
     longest = 0
     for ex in selected:
-        tok, status = tokenize_example(ex, tokenizer, cfg.max_length, cfg.overlong)
+        tok, status = tokenize_example(ex, tokenizer, cfg.max_length, cfg.overlong, task.config, cfg.train_on)
         if status != "ok":
-            full_length = len(tokenizer(ex.prompt + ex.response, add_special_tokens=False)["input_ids"]) + 1
+            full_length = len(render_example(ex, tokenizer, task.config, cfg.train_on).input_ids)
             longest = max(longest, full_length)
         if status == "truncated":
             stats.truncated += 1
@@ -116,7 +140,7 @@ def build_train_dataset(task: Task, tokenizer, cfg: DataConfig, seed: int) -> tu
     if not out:
         raise ValueError(
             f"no training examples left after selection and length filtering "
-            f"({len(examples)} usable rows, train_fraction={cfg.train_fraction}, limit={cfg.limit}, "
+            f"({len(usable_rows)} usable rows, train_fraction={cfg.train_fraction}, limit={cfg.limit}, "
             f"max_length={cfg.max_length}, overlong={cfg.overlong}): raise data.limit / data.max_length "
             f"or use data.overlong=truncate"
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from tunelab.registry import TASKS
 from tunelab.tasks.base import Example, Scored, Task
 
-from tunelab.tasks import gsm8k, jsonl, summarization  # noqa: E402,F401  (registers them)
+from tunelab.tasks import gsm8k, jsonl, sft, summarization  # noqa: E402,F401  (registers them)
 
 get_task = TASKS.get
 known_tasks = TASKS.known

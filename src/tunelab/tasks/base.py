@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from tunelab.utils import iter_jsonl, log
 
@@ -164,21 +164,42 @@ class Task:
             ) from exc
         return [dict(r) for r in ds]
 
-    def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None) -> list[Example]:
-        """Rows → Examples; rows the task cannot use are skipped and counted in the log."""
+    def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None,
+                 select: Callable[[list[int]], list[int]] | None = None) -> list[Example]:
+        """Rows → Examples; rows the task cannot use are skipped and counted in the log.
+
+        ``select`` (training's data.limit / train_fraction) gets the indices of the usable rows and
+        returns those to keep: only they become examples. Which rows are usable comes from
+        :meth:`usable_rows`; tasks whose examples are costly to build make that check cheap.
+        """
         rows = self.load_rows(split)
-        out, skipped = [], 0
-        for idx, row in enumerate(rows):
-            ex = self.to_example(row, idx, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
-            if ex is None:
-                skipped += 1
-            else:
-                out.append(ex)
+        usable, built = self.usable_rows(rows, tokenizer, max_prompt_tokens)
+        skipped = len(rows) - len(usable)
         if skipped:
             log.info(f"{self.name}/{split}: skipped {skipped} of {len(rows)} rows that {self.skip_reason}")
-        if not out:
+        if not usable:
             raise ValueError(f"task '{self.name}' split '{split}' has no usable examples ({len(rows)} rows read)")
+        chosen = usable if select is None else select(usable)
+        out = []
+        for idx in chosen:
+            ex = built.get(idx) or self.to_example(rows[idx], idx, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
+            out.append(ex)
         return out
+
+    def usable_rows(self, rows: list[dict], tokenizer=None, max_prompt_tokens: int | None = None
+                    ) -> tuple[list[int], dict[int, Example]]:
+        """(indices of the rows :meth:`to_example` keeps, the Examples built on the way).
+
+        The default builds every row: cheap for tasks whose to_example tokenizes nothing (GSM8K,
+        JSONL); a task whose examples cost more overrides this with a check that builds less.
+        """
+        usable, built = [], {}
+        for idx, row in enumerate(rows):
+            ex = self.to_example(row, idx, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
+            if ex is not None:
+                usable.append(idx)
+                built[idx] = ex
+        return usable, built
 
     skip_reason: ClassVar[str] = "lacked a prompt or a response"
 
@@ -220,6 +241,9 @@ class Task:
 
     def to_example(self, row: dict, idx: int, tokenizer=None, max_prompt_tokens: int | None = None) -> Example | None:
         raise NotImplementedError
+
+    #: :meth:`stop_checker` in words, for results.json's protocol block (None: named after the method)
+    stop_rule: ClassVar[str | None] = None
 
     def stop_checker(self):
         """A callable(text) -> bool telling when a completion is finished (None = EOS only)."""

@@ -91,6 +91,8 @@ class Gsm8kTask(Task):
                        "answer_format_rate": "answer_formatted"}
     skip_reason = "lacked a question or an answer with '####'"
     input_fields = ("question",)  # what `tunelab generate --prompt TEXT` fills
+    #: the stopping rule in words, recorded in results.json's protocol block
+    stop_rule = "EOS, or a line break after the '#### <number>' answer line, or '\\nQuestion:'"
 
     def load_hub_rows(self, split: str) -> list[dict]:
         return self.hub_dataset(self.config.hub_id, "main", split)

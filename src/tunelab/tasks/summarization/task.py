@@ -12,6 +12,7 @@ from tunelab.config import EvalConfig, TaskConfig
 from tunelab.registry import TASKS
 from tunelab.tasks.base import Example, Scored, Task
 from tunelab.tasks.summarization.config import DEFAULT_TEMPLATE, NewsSummaryConfig, SummarizationConfig
+from tunelab.tasks.summarization.selection import build_selected
 from tunelab.tasks.summarization.truncation import ArticleFitter
 from tunelab.utils import log
 
@@ -157,8 +158,9 @@ class SummarizationTask(Task):
         return self.config.template.format(article=article)
 
     def _build(self, rows: list[dict], tokenizer, max_prompt_tokens: int | None, for_training: bool,
-               first_index: int = 0) -> list[Example | str]:
-        """Rows → Examples, or the reason a row is skipped ("empty" / "too_long")."""
+               first_index: int = 0, row_numbers: list[int] | None = None) -> list[Example | str]:
+        """Rows → Examples, or the reason a row is skipped ("empty" / "too_long"). An example without an
+        id field gets its row number: ``row_numbers[i]`` when given, else ``first_index + i``."""
         article_f, summary_f, id_f = self.fields()
         parsed = []
         for row in rows:
@@ -189,7 +191,7 @@ class SummarizationTask(Task):
             prompt, meta = fitted[i]
             ex_id = get_field(row, id_f) if id_f else None
             out.append(Example(
-                id=str(ex_id) if ex_id not in (None, "") else str(first_index + i),
+                id=str(ex_id) if ex_id not in (None, "") else str(row_numbers[i] if row_numbers else first_index + i),
                 prompt=prompt,
                 response=" " + summary,
                 reference=summary,
@@ -229,12 +231,20 @@ class SummarizationTask(Task):
         built = self._build([row], tokenizer, max_prompt_tokens, for_training, first_index=idx)[0]
         return built if isinstance(built, Example) else None
 
-    def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None) -> list[Example]:
-        """Rows → Examples; empty and unfittable rows are skipped, truncated articles counted, all logged."""
+    def examples(self, split: str, tokenizer=None, max_prompt_tokens: int | None = None, select=None) -> list[Example]:
+        """Rows → Examples; empty and unfittable rows are skipped, truncated articles counted, all logged.
+
+        ``select`` (training's data.limit / train_fraction) gets the usable rows' indices and returns
+        those to keep: only their articles are fitted and tokenized (see :mod:`.selection`).
+        """
         rows = self.load_rows(split)
         for_training = split == self.train_split
-        built = self._build(rows, tokenizer, max_prompt_tokens, for_training)
-        out = [b for b in built if isinstance(b, Example)]
+        if select is None:
+            built = self._build(rows, tokenizer, max_prompt_tokens, for_training)
+            out = [b for b in built if isinstance(b, Example)]
+        else:
+            built, chosen = build_selected(self, rows, tokenizer, max_prompt_tokens, for_training, select)
+            out = [built[i] for i in chosen]
         counts = {
             "rows": len(rows),
             "used": len(out),
