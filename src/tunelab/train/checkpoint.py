@@ -26,6 +26,8 @@ class Checkpointer:
 
     def __init__(self, run: RunDir, backend: Backend, keep: int):
         self.run, self.backend, self.keep = run, backend, keep
+        #: a checkpoint rotation never removes (early stopping's best step), on top of the ``keep`` newest
+        self.pinned: Path | None = None
 
     def save(self, state, method, model, optimizer, scheduler, callbacks, totals: dict | None = None) -> Path:
         """Write step ``state.step`` (a collective under sharding: every process calls it).
@@ -80,7 +82,7 @@ class Checkpointer:
         info = {"step": state.step, "epoch": state.epoch, "parallelism": self.backend.checkpoint_layout, **totals}
         (staging / "state.json").write_text(json.dumps(info, indent=2))
         atomic_replace_dir(staging, final)
-        for old in self.run.checkpoints()[:-self.keep]:
+        for old in [c for c in self.run.checkpoints() if c != self.pinned][:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def restore_latest(self, method, model, optimizer, scheduler, callbacks) -> dict | None:

@@ -1,6 +1,7 @@
 """Metric loggers: ``metrics.jsonl`` always; TensorBoard / W&B / MLflow when listed in ``train.report_to``.
 
-Only the main process logs; the logged numbers are already global (summed over processes).
+Only the main process logs; the logged numbers are already global (summed over processes). A line is
+either a training step's (loss, lr, ...) or an evaluation's (``eval/ref_nll``, ``eval/<metric>``, same step).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class MetricLoggers:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                # a key that names its group ("eval/ref_nll") keeps it; the training line's go under train/
+                self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
         if self.wandb:
             self.wandb.log(scalars, step=step)
         if self.mlflow:

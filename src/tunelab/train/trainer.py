@@ -10,7 +10,8 @@ name or a parallelism mode. Set-up reads in order (``_setup_run_dir`` → ``_set
 Per optimizer step: the method's ``on_step_begin`` callbacks; ``grad_accum`` micro-batches
 (forward, loss, backward; gradients are reduced on the last one only); ``on_before_optimizer_step``;
 clipping, the optimizer step and the lr schedule (the backend's ``step``); ``on_step_end``;
-logging; checkpoints. Details that matter for correct numbers:
+logging; the held-out evaluation (:mod:`tunelab.train.evaluator`, ``train.eval_steps``); checkpoints.
+Details that matter for correct numbers:
 
 - The loss is the mean over *all target tokens of the whole optimizer step* (every micro-batch and
   every rank), not a mean of per-micro-batch means, so gradient accumulation and data parallelism
@@ -34,13 +35,15 @@ from typing import Any, Optional
 import torch
 
 from tunelab.config import ConfigError, RunConfig
-from tunelab.data import IGNORE_INDEX, MicroBatchStream, build_train_dataset, collate
+from tunelab.data import IGNORE_INDEX, MicroBatchStream, build_train_dataset, collate, real_tokens
 from tunelab.loss import TargetPositionSelector, target_loss
 from tunelab.methods import Method, TrainState
 from tunelab.models import load_model, load_tokenizer, materialize
 from tunelab.registry import METHODS, TASKS
 from tunelab.rundir import RunDir, claim_folder
+from tunelab.train.divergence import diverged_in_backward, stop_diverged
 from tunelab.train.checkpoint import Checkpointer, drop_metrics_after, remove_stale_staging, saving
+from tunelab.train.evaluator import HeldOutEvaluator, evaluate_now, load_best
 from tunelab.train.loggers import MetricLoggers
 from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
 from tunelab.train.precision import LossScaler, keep_trainable_in_fp32, resolve_precision
@@ -55,10 +58,6 @@ from tunelab.utils import (
     reset_peak_memory,
     seed_everything,
 )
-
-
-class TrainingDiverged(RuntimeError):
-    """Loss became NaN/inf; the last good state was saved."""
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -93,6 +92,8 @@ class Trainer:
         self.window_loss = self.window_tokens = 0.0
         self.last_loss = float("nan")
         self.diverged_what: Optional[str] = None  # what stopped a diverged run, for its message
+        self.evaluator: Optional[HeldOutEvaluator] = None  # train.eval_steps: the held-out loss during training
+        self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint this process wrote
 
     # ---- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -141,15 +142,13 @@ class Trainer:
         self.data, self.data_stats = build_train_dataset(self.task, self.tokenizer, cfg.data, cfg.seed)
         stats = self.data_stats
         log.info(f"{stats.used} training examples ({stats.total_tokens} tokens, {stats.target_tokens} target tokens)")
+        self.evaluator = HeldOutEvaluator.for_run(cfg, self.task, self.tokenizer, self.procs)
 
     def _setup_model(self) -> None:
         cfg, device = self.cfg, self.procs.device
         reset_peak_memory(device)
-        model = load_model(self.model_cfg, self.source, device)
+        model = self._prepared_model(device)
         model.config.use_cache = False
-        model = self.method.prepare(model, cfg)
-        if self.precision.name == "bf16-true":
-            keep_trainable_in_fp32(model)  # adapters in bf16 would lose their small updates
         if not cfg.model.load_in_4bit:
             model.to(device)
         self.params = count_params(model)
@@ -162,7 +161,8 @@ class Trainer:
         cfg, procs = self.cfg, self.procs
         self.optimizer = self.method.build_optimizer(self.model, cfg.train)
         self.stream = MicroBatchStream(self.data, cfg.train.batch_size, cfg.seed, cfg.data.shuffle,
-                                       cfg.data.group_by_length, procs.rank, procs.world)
+                                       cfg.data.group_by_length, procs.rank, procs.world,
+                                       packing=cfg.data.packing, max_length=cfg.data.max_length)
         self.steps_per_epoch, self.max_steps = count_steps(cfg.train, self.stream.per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train, self.max_steps))
         self.callbacks = self.method.callbacks()
@@ -175,6 +175,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run, self.backend, cfg.train.keep_checkpoints)
         if self.resume:
             self._resume()
+            if self.evaluator is not None:
+                self.checkpointer.pinned = self.evaluator.pinned_checkpoint(self.run)
         self.plain_model = self.backend.unwrap(self.model)
         self.selector = TargetPositionSelector(self.plain_model)
         self.loggers = MetricLoggers(self.run, cfg, enabled=procs.is_main)
@@ -190,8 +192,9 @@ class Trainer:
 
     def _stateful(self) -> list:
         """What a checkpoint restores besides weights, optimizer and schedule (state_dict/load_state_dict each):
-        the method's callbacks, then fp16's loss scaler (last, so checkpoints without it still load)."""
-        return [*self.callbacks, self.scaler]
+        the method's callbacks, fp16's loss scaler, then the evaluator's early-stopping state (each appended
+        after the older ones, so checkpoints without them still load)."""
+        return [*self.callbacks, self.scaler, *([self.evaluator] if self.evaluator is not None else [])]
 
     def _steps_done(self) -> int:
         return int((self.run.results() or {}).get("steps", 0))
@@ -236,6 +239,9 @@ class Trainer:
                     self._after_step(step_loss, targets, grad_norm, bar)
                     if any(cb.should_stop(self.state) for cb in self.callbacks):
                         stopped = "method_requested_stop"
+                        break
+                    if self.evaluator is not None and self.evaluator.should_stop():
+                        stopped = "early_stopped"
                         break
                     if any_process(stop.hit, self.procs):
                         stopped = "preempted"
@@ -289,9 +295,9 @@ class Trainer:
                 try:
                     backend.backward(model, self.scaler.scale(scaled), sync)
                 except FloatingPointError as exc:  # raised by methods that step inside backward
-                    raise self._diverged_in_backward(exc) from exc
+                    raise diverged_in_backward(self, exc) from exc
             step_loss_sum += float(loss_sum.detach())
-            self.tokens_seen += int(batch["attention_mask"].sum())
+            self.tokens_seen += real_tokens(batch)  # not padding (a packed batch has no 2D attention_mask)
         step_loss = all_reduce_sum(step_loss_sum, procs) / max(global_targets, 1.0)
         self.target_tokens_seen += local_targets
         if not math.isfinite(step_loss):
@@ -306,8 +312,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.diverged_what = f"the gradient norm became {norm}"
             return float("nan"), global_targets, None
-        engine_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm,
-                                   self.scaler if self.precision.uses_scaler else None)
+        engine_norm = backend.step(model, self.optimizer, self.scheduler, cfg.train.max_grad_norm, self.scaler)
         grad_norm = (engine_norm if engine_norm is not None else norm) if cfg.train.max_grad_norm > 0 else None
         state.step += 1
         for cb in self.callbacks:
@@ -315,17 +320,9 @@ class Trainer:
         self.train_time_s += time.perf_counter() - t_step
         return step_loss, global_targets, grad_norm
 
-    def _diverged_in_backward(self, exc: Exception) -> TrainingDiverged:
-        ckpts = self.run.checkpoints()
-        return TrainingDiverged(
-            f"{exc} at optimizer step {self.state.step + 1}. Weights were being updated during backward "
-            f"(layer-wise optimizer), so the current state is not saved; the last good checkpoint is "
-            f"{ckpts[-1] if ckpts else 'none (set train.save_steps)'}. Lower train.lr, then "
-            f"`tunelab train --resume {self.run.path}`."
-        )
-
     def _after_step(self, step_loss: float, targets: float, grad_norm: Optional[float], bar) -> None:
-        """Progress bar, logging at ``train.logging_steps``, checkpoints at ``train.save_steps``."""
+        """Progress bar, logging at ``train.logging_steps``, the held-out evaluation at ``train.eval_steps`` and
+        the last step, checkpoints at ``train.save_steps`` and (early stopping) at each new best held-out loss."""
         cfg, state = self.cfg, self.state
         self.last_loss = step_loss
         self.window_loss += step_loss * targets  # global sums: the logged loss is over all ranks
@@ -345,7 +342,11 @@ class Trainer:
                 "elapsed_s": time.time() - self.t_start,
             })
             self.window_loss = self.window_tokens = 0.0
-        if cfg.train.save_steps and state.step % cfg.train.save_steps == 0 and state.step < self.max_steps:
+        ev = self.evaluator
+        if ev is not None and ev.due(state.step, self.max_steps):
+            evaluate_now(self)
+        best = ev is not None and ev.keeps_best and ev.improved and ev.last_step == state.step
+        if state.step < self.max_steps and (best or (cfg.train.save_steps and state.step % cfg.train.save_steps == 0)):
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
@@ -353,6 +354,7 @@ class Trainer:
         totals = {"train_tokens": all_reduce_sum(self.tokens_seen, self.procs),
                   "target_tokens": all_reduce_sum(self.target_tokens_seen, self.procs),
                   "train_time_s": self.train_time_s}
+        self.checkpointed_step = self.state.step
         return self.checkpointer.save(self.state, self.method, self.model, self.optimizer, self.scheduler,
                                       self._stateful(), totals)
 
@@ -361,17 +363,19 @@ class Trainer:
         """Divergence and preemption checkpoint and raise; otherwise checkpoint, write the artifact and results.json."""
         run = self.run
         if stopped == "diverged":
-            self._stop_diverged()
+            stop_diverged(self)
         if stopped == "preempted":
             ckpt = self.save_checkpoint()
             self.loggers.close()
             log.warning(f"preempted at step {self.state.step}: checkpoint {ckpt}; resume with `tunelab train --resume {run.path}`")
             raise Preempted()
+        if self.evaluator is not None and self.evaluator.last_step != self.state.step:
+            evaluate_now(self)  # a stop the loop's evaluation did not see (a method's request)
         for cb in self.callbacks:
             cb.on_train_end(self.state, self.plain_model)
-        t = self.cfg.train
-        if not (t.save_steps and self.state.step % t.save_steps == 0 and self.state.step < self.max_steps):
+        if self.checkpointed_step != self.state.step:
             self.save_checkpoint()  # the end state, resumable: `--resume RUN train.max_steps=MORE` continues it
+        artifact_step = load_best(self)  # early stopping: the artifact is the best step's model
         # collectives run on every rank (a collective called by rank 0 alone deadlocks the others)
         tokens_total = all_reduce_sum(self.tokens_seen, self.procs)
         target_tokens_total = all_reduce_sum(self.target_tokens_seen, self.procs)
@@ -388,6 +392,8 @@ class Trainer:
                     shutil.rmtree(tmp, ignore_errors=True)
                 self.tokenizer.save_pretrained(str(run.tokenizer_dir))
                 results = {**run_results(self, stopped, final_model, tokens_total, target_tokens_total), **memory}
+                if self.evaluator is not None:
+                    results["eval"] = self.evaluator.summary(artifact_step)
                 run.write_results(results)
             log.info(f"done: {self.state.step} steps in {self.train_time_s:.1f}s, {results['train_tokens_per_s']:.0f} "
                      f"tokens/s, final loss {self.last_loss:.4f} -> {run.path}")
@@ -396,29 +402,13 @@ class Trainer:
             self.backend.barrier()
         return results
 
-    def _stop_diverged(self) -> None:
-        """Save the last good state (the weights before the bad update) and raise TrainingDiverged."""
-        run, step = self.run, self.state.step
-        fix = (f"Lower train.lr, raise train.warmup_steps or set train.max_grad_norm, then resume with "
-               f"`tunelab train --resume {run.path}`.")
-        tensors = self.backend.trainable_tensors(self.method, self.model) if self.procs.world == 1 else None
-        if tensors is not None and not all(torch.isfinite(v).all() for v in tensors.values()):
-            # the update before this step already broke the weights: never save that over a good checkpoint
-            ckpts = run.checkpoints()
-            self.loggers.close()
-            raise TrainingDiverged(
-                f"{self.diverged_what} at optimizer step {step + 1}, and the weights after step {step} are not finite, "
-                f"so they are not saved; the last good checkpoint is {ckpts[-1] if ckpts else 'none (set train.save_steps)'}. "
-                + fix)
-        ckpt = self.save_checkpoint()
-        self.loggers.close()
-        raise TrainingDiverged(
-            f"{self.diverged_what} at optimizer step {step + 1}: training stopped before that update. "
-            f"The last good state (step {step}) is saved in {ckpt}. " + fix)
+    def _prepared_model(self, device: torch.device):
+        """The base model loaded on ``device`` and prepared by the method (adapters, masks, ...)."""
+        model = self.method.prepare(load_model(self.model_cfg, self.source, device), self.cfg)
+        if self.precision.name == "bf16-true":
+            keep_trainable_in_fp32(model)  # adapters in bf16 would lose their small updates
+        return model
 
     def _fresh_prepared_model(self):
         """An unsharded copy of the prepared model on CPU, for backends that gather the trained tensors into one."""
-        model = self.method.prepare(load_model(self.model_cfg, self.source, torch.device("cpu")), self.cfg)
-        if self.precision.name == "bf16-true":
-            keep_trainable_in_fp32(model)
-        return model
+        return self._prepared_model(torch.device("cpu"))

@@ -3,7 +3,8 @@
 Each figure function draws into ``path`` and returns its caption, or raises :class:`Omit` with the
 reason its data is not in these runs (report.md lists it). Methods are coloured and ordered by
 their classes (``display_order``; a method that trains nothing, the untrained base model, is grey
-and drawn as a reference line); "vs rank" figures use each method's ``rank_key``.
+and drawn as a reference line); "vs rank" figures use each method's ``rank_key``. The loss curves (train loss and held-out ref_nll vs
+step, per run and overlaid) are drawn by :mod:`.curves`.
 """
 
 from __future__ import annotations
@@ -363,6 +364,8 @@ def make_figures(task: str, rows: list[Row], metric: Optional[str], fig_dir: Pat
             except Omit as exc:
                 fig.omitted = str(exc)
         out.append(fig)
-    return out
+    from tunelab.experiments.report.curves import loss_curve_figures  # it draws with this module's helpers
+
+    return out + loss_curve_figures(task, rows, fig_dir)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from tunelab.experiments.report.figures import make_figures
 from tunelab.experiments.report.rows import GIB, build_rows, method_rank, primary_metric, table
 from tunelab.experiments.report.runs import RunRecord, collect_runs
-from tunelab.rundir import MARKER_FILE, claim_folder
+from tunelab.rundir import MARKER_FILE, RunDir, claim_folder
 from tunelab.utils import make_temp_dir
 
 #: the files a report writes in REPORT (and its figures in REPORT/figures/)
@@ -35,6 +35,7 @@ CSV_FIRST = [
     "run", "path", "task", "method", "is_base", "seed", "primary_metric", "quality", "eval_n",
     "trainable_params", "total_params", "trainable_pct", "peak_mem_bytes", "peak_mem_gib", "peak_mem_kind",
     "train_time_s", "wall_time_s", "train_tokens_per_s", "final_loss", "steps", "epochs_completed",
+    "stopped", "heldout_best_step", "heldout_best_ref_nll", "artifact_step",
 ]
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
@@ -61,9 +62,17 @@ def html_table(header: list[str], cells: list[list[str]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _held_out(rec: RunRecord) -> dict[str, Any]:
+    """The held-out evaluation during training (results.json's ``eval`` block; train.eval_steps), if any."""
+    results = {} if rec.is_base else (RunDir(rec.path).results() or {})
+    ev = results.get("eval") if isinstance(results.get("eval"), dict) else {}
+    return {"stopped": results.get("stopped"), "heldout_best_step": ev.get("best_step"),
+            "heldout_best_ref_nll": ev.get("best_ref_nll"), "artifact_step": ev.get("artifact_step")}
+
+
 def _csv_row(rec: RunRecord) -> dict[str, Any]:
     t = rec.train
-    return {
+    return {**_held_out(rec), 
         "run": rec.name, "path": str(rec.path), "task": rec.task, "method": rec.method, "is_base": rec.is_base,
         "seed": rec.seed, "primary_metric": rec.primary_metric,
         "quality": rec.metrics.get(rec.primary_metric) if rec.primary_metric else None, "eval_n": rec.eval_n,
@@ -209,14 +218,19 @@ def _publish(stage: Path, out_dir: Path, sections: list[dict[str, Any]]) -> None
     """Move the staged figures, then the CSV and the pages, into ``out_dir``; a figure left out loses its old file."""
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(exist_ok=True)
+    published = set()
     for sec in sections:
         for f in sec["figures"]:
             final = fig_dir / f.file
+            published.add(f.file)
             if f.path:
                 os.replace(f.path, final)
                 f.path = final
             else:
                 final.unlink(missing_ok=True)  # never leave a stale figure from an earlier report
+    for old in fig_dir.glob("*-loss-*.png"):  # per-run loss curves of runs no longer in the report
+        if old.name not in published:
+            old.unlink(missing_ok=True)
     for name in reversed(REPORT_FILES):
         os.replace(stage / name, out_dir / name)
 
