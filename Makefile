@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,harness]'
 	# DeepSpeed (train.parallelism=deepspeed) builds from source against the torch above: no build
 	# isolation (which would fetch another torch); its CUDA ops are compiled on first use, never here.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation 'deepspeed==0.19.8'

@@ -149,7 +149,29 @@ def test_eval_base_into_a_user_folder_needs_overwrite(tiny_model_dir, tmp_path, 
     assert (out / "notes.txt").read_text() == "my notes" and RunDir(out).is_base and RunDir(out).is_evaluated
     assert _cli(capsys, *args)[0] == 0  # now a base evaluation tunelab made: evaluated again without the flag
     rc, err = _cli(capsys, "eval", str(out), "--overwrite")
-    assert rc == 2 and "--overwrite only applies with --base" in err
+    assert rc == 2 and "--overwrite only applies with --base or a model folder" in err
+
+
+def test_eval_of_a_model_folder_keeps_the_users_eval_folder(tiny_model_dir, tmp_path, capsys):
+    """A plain HF folder's eval/ holding the user's files is refused untouched; --overwrite keeps them."""
+    import shutil
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "eval").mkdir()
+    (folder / "eval" / "results.json").write_text('{"mine": true}')
+    args = ["eval", str(folder), "task=gsm8k", "eval.limit=1", "eval.max_new_tokens=2"]
+    before = snapshot(folder)
+    rc, err = _cli(capsys, *args)
+    assert rc == 1 and "holds files tunelab did not write (results.json)" in err and "--overwrite" in err
+    assert snapshot(folder) == before
+    (folder / "eval" / "results.json").unlink()
+    (folder / "eval" / "notes.txt").write_text("my notes")
+    assert _cli(capsys, *args[:2], "--overwrite", *args[2:])[0] == 0
+    assert (folder / "eval" / "notes.txt").read_text() == "my notes"
+    assert json.loads((folder / "eval" / "results.json").read_text())["kind"] == "eval"
+    (folder / "eval" / "notes.txt").unlink()
+    assert _cli(capsys, *args)[0] == 0  # only tunelab's own evaluation there now: evaluated again without the flag
 
 
 # ---- generate --output FILE (Why 2) ----------------------------------------------------------

@@ -10,6 +10,8 @@ Layout (names only here; every other module asks :class:`RunDir` for a path)::
     RUN/tokenizer/           the tokenizer the run trained with
     RUN/checkpoints/step-N/  resumable checkpoints
     RUN/eval/                results.json + predictions.jsonl of the latest evaluation
+    RUN/eval/harness/<task>/ lm-evaluation-harness: lm_eval_results.json (the harness's own), samples.jsonl
+                             (its per-sample log) and results.json (tunelab's summary with the protocol)
     RUN/merged/              `tunelab merge`: a plain Hugging Face model folder
     RUN/.tunelab.json        marks a folder tunelab made, and of which kind (see claim_folder)
 
@@ -44,6 +46,9 @@ class RunDir:
     EVAL_DIR = "eval"
     PREDICTIONS_FILE = "predictions.jsonl"
     MERGED_DIR = "merged"
+    HARNESS_DIR = "harness"  # under eval/
+    HARNESS_RESULTS_FILE = "lm_eval_results.json"
+    HARNESS_SAMPLES_FILE = "samples.jsonl"
     HF_CONFIG_FILE = "config.json"  # marks a Hugging Face model folder
 
     def __init__(self, path: str | Path):
@@ -94,6 +99,20 @@ class RunDir:
     @property
     def predictions_file(self) -> Path:
         return self.eval_dir / self.PREDICTIONS_FILE
+
+    @property
+    def harness_dir(self) -> Path:
+        return self.eval_dir / self.HARNESS_DIR
+
+    def harness_task_dir(self, task: str) -> Path:
+        """RUN/eval/harness/<task>/ (the harness's task name; a '/' in it would nest, so it is replaced)."""
+        return self.harness_dir / task.replace("/", "_")
+
+    def harness_results(self) -> dict[str, Path]:
+        """harness task -> its folder, for every finished harness evaluation (results.json written last)."""
+        if not self.harness_dir.is_dir():
+            return {}
+        return {d.name: d for d in sorted(self.harness_dir.iterdir()) if (d / self.RESULTS_FILE).is_file()}
 
     @property
     def merged_dir(self) -> Path:
@@ -297,6 +316,34 @@ def claim_folder(path: Path, kind: str, *, overwrite: bool = False, accept: tupl
         from tunelab.utils import atomic_write_text
 
         atomic_write_text(path / MARKER_FILE, json.dumps({"kind": kind, "written_by": "tunelab"}) + "\n")
+
+
+def claim_eval_dir(folder: Path, *, overwrite: bool = False) -> None:
+    """May ``tunelab eval`` write FOLDER/eval/ into a model folder tunelab did not make?
+
+    Yes when eval/ is absent or empty, or holds only what an earlier ``tunelab eval`` wrote there
+    (its results.json says ``"kind": "eval"``), or with ``overwrite``; otherwise refused untouched.
+    """
+    import json
+
+    eval_dir = Path(folder) / RunDir.EVAL_DIR
+    if overwrite or not eval_dir.exists():
+        return
+    if not eval_dir.is_dir():
+        raise NotOurs(f"{eval_dir} is a file, so `tunelab eval {folder}` cannot write its evaluation there: "
+                      f"move it away, or pass --overwrite")
+    names = {p.name for p in eval_dir.iterdir()}
+    ours = {RunDir.RESULTS_FILE, RunDir.PREDICTIONS_FILE, RunDir.HARNESS_DIR}
+    results = eval_dir / RunDir.RESULTS_FILE
+    try:
+        written_by_eval = not results.exists() or json.loads(results.read_text(encoding="utf-8")).get("kind") == "eval"
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        written_by_eval = False
+    if names <= ours and written_by_eval:
+        return
+    raise NotOurs(f"{eval_dir} holds files tunelab did not write ({', '.join(sorted(names)[:5])}): `tunelab eval "
+                  f"{folder}` writes its results there; move them away, or pass --overwrite (tunelab then replaces "
+                  f"only its own results.json and predictions.jsonl)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Works on a run directory (the method's artifact applied, unmerged), a merged/plain HF folder, or
 the untrained base model; :func:`evaluate_target` takes a resolved RUN argument
 (:func:`tunelab.rundir.resolve_target`) and is the library side of ``tunelab eval``. Completions
-come from the shared engine (:func:`tunelab.evaluation.engine.generate`: the task's template,
-stopping rule and trim); with ``eval.reference_loss`` the references are also scored
+come from the shared engine (:func:`tunelab.evaluation.engine.generate`: the task's template in
+``task.prompt_format`` rendered by :mod:`tunelab.data.render`, as ``tunelab generate`` renders it,
+the stopping rule and trim; results.json's ``protocol`` says how); with ``eval.reference_loss`` the
+references are also scored
 teacher-forced with the trainer's loss (:mod:`tunelab.loss`).
 """
 
@@ -20,6 +22,7 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.data import IGNORE_INDEX, collate, tokenize_example
+from tunelab.data.render import describe_format, generation_prompt, prepare_tokenizer
 from tunelab.evaluation.engine import generate, generation_settings
 from tunelab.loss import TargetPositionSelector, target_loss
 from tunelab.methods import get_method
@@ -52,6 +55,7 @@ def load_model_for_eval(cfg: RunConfig, run_dir: str | Path | RunDir | None, dev
                 tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer_dir))
                 if tokenizer.pad_token is None:
                     tokenizer.pad_token = tokenizer.eos_token
+    prepare_tokenizer(tokenizer, cfg.task)  # a chat format without a template fails before any generation
     if not cfg.model.load_in_4bit:
         model.to(device)
     model.eval()
@@ -77,14 +81,16 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     untrained = run_dir is None or not get_method(cfg.method.name).trains
     log.info(f"evaluating {len(examples)} {task.name}/{eval_cfg.split} examples with {'the base model' if untrained else run_dir}")
     t_gen = time.perf_counter()
-    raw, n_generated = generate(model, tokenizer, [e.prompt for e in examples], eval_cfg, task.stop_checker())
+    prompts = [generation_prompt(e, tokenizer, cfg.task) for e in examples]  # what `tunelab generate` gives
+    raw, n_generated = generate(model, tokenizer, prompts, eval_cfg, task.stop_checker())
     gen_time = time.perf_counter() - t_gen
     completions = [task.trim_completion(c) for c in raw]
     scored = task.score(examples, completions)
     ref_loss = None
     if eval_cfg.reference_loss:
         ref_loss = reference_loss(model, tokenizer, examples, cfg.data.max_length, eval_cfg.batch_size,
-                                  chunk_tokens=cfg.train.loss_chunk_tokens)
+                                  chunk_tokens=cfg.train.loss_chunk_tokens, task_cfg=cfg.task,
+                                  train_on=cfg.data.train_on)
         scored.metrics["ref_nll"] = ref_loss["nll_per_token"]
         per_ref = ref_loss.pop("per_example")
         for ex, per in zip(examples, scored.per_example):
@@ -93,8 +99,8 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     out = RunDir(out_dir)
     out.eval_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for ex, comp, per in zip(examples, completions, scored.per_example):
-        lines.append(json.dumps({"id": ex.id, "prompt": ex.prompt, "completion": comp, **per}, ensure_ascii=False, default=str))
+    for ex, prompt, comp, per in zip(examples, prompts, completions, scored.per_example):
+        lines.append(json.dumps({"id": ex.id, "prompt": prompt, "completion": comp, **per}, ensure_ascii=False, default=str))
     atomic_write_text(out.predictions_file, "\n".join(lines) + "\n")
     results = {
         "schema_version": 1,
@@ -108,6 +114,7 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
         "metrics": scored.metrics,
         "primary_metric": task.primary_metric,
         "generation": {k: getattr(eval_cfg, k) for k in ("batch_size", "max_new_tokens", "num_beams", "no_repeat_ngram_size", "preset")},
+        "protocol": eval_protocol(task, tokenizer, cfg, eval_cfg),
         "reference_loss": ref_loss,
         "generated_tokens": n_generated,
         "generation_time_s": gen_time,
@@ -124,13 +131,29 @@ def evaluate(cfg: RunConfig, run_dir: Path | None, out_dir: Path, method_label: 
     return results
 
 
+def eval_protocol(task, tokenizer, cfg: RunConfig, eval_cfg) -> dict[str, Any]:
+    """How the completions were obtained (issue 13: results that say how they were obtained)."""
+    stop_rule = getattr(task, "stop_rule", None) or (
+        "EOS" if task.stop_checker() is None else f"EOS or {type(task).__name__}.stop_checker")
+    decoding = "greedy" if eval_cfg.num_beams == 1 else f"beam search ({eval_cfg.num_beams} beams)"
+    return {
+        **describe_format(tokenizer, cfg.task),
+        "num_fewshot": 0,
+        "decoding": decoding,
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "no_repeat_ngram_size": eval_cfg.no_repeat_ngram_size,
+        "stop_rule": stop_rule,
+        "decoder": getattr(cfg.eval, "decoder", "hf"),
+    }
+
+
 @torch.no_grad()
 def reference_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
-                   chunk_tokens: int = 1024) -> dict[str, Any]:
+                   chunk_tokens: int = 1024, task_cfg=None, train_on: str = "auto") -> dict[str, Any]:
     """Teacher-forced loss of the reference responses: the training objective on held-out data.
 
-    Each example is tokenized exactly as in training (prompt + response + EOS, loss on the response
-    tokens only, the end of an over-long response cut at ``max_length`` and counted), batched by
+    Each example is tokenized exactly as in training (``task_cfg``'s prompt format, None = plain;
+    loss on the ``train_on`` targets, the end of an over-long example cut at ``max_length`` and counted), batched by
     length, and the summed NLL is divided by the number of reference tokens (a per-token mean over
     the whole set, as in training, not a mean of per-example means). ``per_example`` maps each
     example id to (summed NLL, reference tokens), for paired comparisons (`tunelab compare`).
@@ -138,7 +161,7 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
 
     tokenized, truncated, dropped = [], 0, 0
     for ex in examples:
-        t, status = tokenize_example(ex, tokenizer, max_length, "truncate")
+        t, status = tokenize_example(ex, tokenizer, max_length, "truncate", task_cfg, train_on)
         if t is None:
             dropped += 1
             continue
@@ -174,6 +197,7 @@ def evaluate_target(target: Target, overwrite: bool = False) -> dict[str, Any]:
 
     ``--base`` (kind ``base-model``) first makes its run directory (config.yaml with method=base,
     and the BASE marker), so the evaluation is a run like any other; see :func:`claim_base_dir`.
+    With ``harness.tasks`` set, only lm-evaluation-harness runs (:mod:`tunelab.evaluation.harness`).
     """
     if target.kind == "base-model":
         claim_base_dir(Path(target.out), overwrite)
@@ -181,6 +205,14 @@ def evaluate_target(target: Target, overwrite: bool = False) -> dict[str, Any]:
         run = RunDir(target.out)
         run.write_config(target.cfg)
         run.mark_base()
+    if target.kind == "model":  # a model folder tunelab did not make: its eval/ may hold the user's files
+        from tunelab.rundir import claim_eval_dir
+
+        claim_eval_dir(Path(target.out), overwrite=overwrite)
+    if target.cfg.harness.tasks:  # harness only: tunelab's own evaluation is `tunelab eval` without harness=
+        from tunelab.evaluation.harness import evaluate_target_with_harness
+
+        return evaluate_target_with_harness(target)
     if target.run is not None:
         return evaluate(target.cfg, target.run.path, target.run.path)
     return evaluate(target.cfg, None, Path(target.out), method_label=target.label)

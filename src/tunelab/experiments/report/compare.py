@@ -2,7 +2,10 @@
 
 Per metric: the means, B − A on the examples both evaluated (paired by example id), its 95%
 paired-bootstrap interval and the share of resamples where B does not beat A. The per-example
-values come from each evaluation's ``predictions.jsonl``.
+values come from each evaluation's ``predictions.jsonl``; for lm-evaluation-harness results
+(``RUN/eval/harness/<task>/``) from the harness's per-sample log ``samples.jsonl``, paired by the
+harness's ``doc_id`` (its ``doc_hash`` checked), and only between evaluations of one base model,
+one task and one protocol (:func:`tunelab.evaluation.harness.protocol_differences` says why not).
 """
 
 from __future__ import annotations
@@ -93,6 +96,33 @@ def _run_of(eval_dir: Path) -> str:
     return str(eval_dir.parent if eval_dir.name == RunDir.EVAL_DIR else eval_dir)
 
 
+def _check_bootstrap_args(n_resamples: Any, seed: Any) -> None:
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"the number of bootstrap resamples must be a whole number >= 1, got {n_resamples!r} "
+                         f"(1000 is the default; 10000 for tighter intervals)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the bootstrap seed must be a whole number >= 0, got {seed!r}")
+
+
+def _has_own_eval(path: Path) -> bool:
+    try:
+        _eval_dir(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _harness_dirs(path: Path) -> dict[str, Path]:
+    """harness task -> its results folder, for RUN, RUN/eval, RUN/eval/harness or RUN/eval/harness/<task>."""
+    for cand in (path, path / RunDir.HARNESS_DIR, RunDir(path).harness_dir):
+        results = cand / RunDir.RESULTS_FILE
+        if results.is_file() and _read_results(cand).get("kind") == "harness":
+            return {cand.name: cand}
+        if cand.is_dir() and cand.name == RunDir.HARNESS_DIR:
+            return {d.name: d for d in sorted(cand.iterdir()) if (d / RunDir.RESULTS_FILE).is_file()}
+    return {}
+
+
 def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resamples: int = 1000,
                   seed: int = 0) -> dict[str, Any]:
     """B − A per metric on the examples both evaluated, with a paired bootstrap CI.
@@ -100,12 +130,44 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
     Pairing (the same resampled examples for both) removes the between-question variance that
     dominates small eval sets, so a difference can be significant even where the two unpaired
     intervals overlap. ``p_b_not_better`` is the share of resamples where B does not beat A.
+    Where both hold tunelab's own evaluation it is compared, and every harness task both ran is
+    compared too (under ``also``); where one lacks it, the harness tasks both ran are compared.
     """
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise ValueError(f"the number of bootstrap resamples must be a whole number >= 1, got {n_resamples!r} "
-                         f"(1000 is the default; 10000 for tighter intervals)")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"the bootstrap seed must be a whole number >= 0, got {seed!r}")
+    _check_bootstrap_args(n_resamples, seed)
+    a, b = Path(a), Path(b)
+    harness = [_harness_dirs(a), _harness_dirs(b)]
+    shared = [t for t in harness[0] if t in harness[1]]
+    if harness[0] and harness[1] and not shared and not (_has_own_eval(a) and _has_own_eval(b)):
+        if len(harness[0]) == 1 and len(harness[1]) == 1:  # two task folders named explicitly: say why not
+            shared_pair = (next(iter(harness[0].values())), next(iter(harness[1].values())))
+            return compare_harness(*shared_pair, metrics, n_resamples, seed)
+        raise ValueError(f"{a} and {b} ran no harness task in common ({a}: {', '.join(harness[0])}; "
+                         f"{b}: {', '.join(harness[1])})")
+    if _has_own_eval(a) and _has_own_eval(b):
+        out = compare_own_evals(a, b, metrics, n_resamples, seed)
+        also = []
+        for t in shared:  # a harness pair that cannot be compared is said so, next to the own comparison
+            try:
+                also.append(compare_harness(harness[0][t], harness[1][t], None, n_resamples, seed))
+            except ValueError as exc:
+                also.append({"task": f"harness:{t}", "refused": str(exc)})
+        return {**out, "also": also} if also else out
+    if shared:
+        first, *rest = [compare_harness(harness[0][t], harness[1][t], metrics if i == 0 else None, n_resamples, seed)
+                        for i, t in enumerate(shared)]
+        return {**first, "also": rest} if rest else first
+    if harness[0] or harness[1]:
+        which, other = (a, b) if harness[0] else (b, a)
+        raise ValueError(f"{which} holds lm-evaluation-harness results and {other} none (only tunelab's own "
+                         f"evaluation, if any): the two protocols score differently; run the same harness task on "
+                         f"{other} (`tunelab eval {other} harness=TASK`, with the same harness.* settings)")
+    _eval_dir(a), _eval_dir(b)  # raises, naming the one without an evaluation
+    raise AssertionError("unreachable")
+
+
+def compare_own_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resamples: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """tunelab's own evaluations (eval/results.json + predictions.jsonl) of A and B, paired by example id."""
     dirs = [_eval_dir(Path(a)), _eval_dir(Path(b))]
     results = [_read_results(d) for d in dirs]
     tasks = [r.get("task") for r in results]
@@ -138,7 +200,56 @@ def compare_evals(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resam
     return out
 
 
+def compare_harness(a: Path, b: Path, metrics: Optional[list[str]] = None, n_resamples: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Two harness results folders (RUN/eval/harness/<task>/) paired by the harness's doc_id."""
+    from tunelab.evaluation.harness import protocol_differences, read_samples
+
+    results = [_read_results(a), _read_results(b)]
+    why = protocol_differences(*results)
+    if why:
+        raise ValueError(f"{a} and {b} cannot be compared example by example: " + "; ".join(why))
+    samples = []
+    for d in (a, b):
+        path = d / RunDir.HARNESS_SAMPLES_FILE
+        if not path.is_file():
+            raise ValueError(f"{d} has no per-sample log ({RunDir.HARNESS_SAMPLES_FILE}): re-run its harness "
+                             f"evaluation with harness.log_samples=true")
+        samples.append(read_samples(path))
+    common = [i for i in samples[0] if i in samples[1]]
+    if not common:
+        raise ValueError(f"{a} and {b} share no harness doc_id: they evaluated different documents")
+    differ = [i for i in common if samples[0][i].get("doc_hash") != samples[1][i].get("doc_hash")]
+    if differ:
+        raise ValueError(f"{a} and {b} hold different documents under the same doc_id ({len(differ)} of "
+                         f"{len(common)}, e.g. doc_id {differ[0]}): their data files differ")
+    fields = [m for m in results[0].get("metrics", {}) if m != "n"]
+    wanted = metrics or fields
+    unknown = [m for m in wanted if m not in fields]
+    if unknown:
+        raise ValueError(f"no per-sample values of {', '.join(unknown)} for {results[0].get('task')} "
+                         f"(comparable: {', '.join(fields)})")
+    out: dict[str, Any] = {"task": results[0].get("task"), "a": str(a), "b": str(b), "examples": len(common),
+                           "only_in_a": len(samples[0]) - len(common), "only_in_b": len(samples[1]) - len(common),
+                           "n_resamples": n_resamples, "seed": seed, "protocol": results[0].get("protocol"),
+                           "metrics": {}, "skipped": {}}
+    for metric in wanted:
+        values = _paired_values(metric, (metric,), samples, common)
+        if isinstance(values, str):
+            out["skipped"][metric] = values
+        else:
+            out["metrics"][metric] = _compare_metric(metric, *values, n_resamples=n_resamples, seed=seed)
+    return out
+
+
 def format_comparison(cmp: dict[str, Any]) -> str:
+    """The comparison as text: one table per task (tunelab's own evaluation, then each harness task)."""
+    return "\n\n".join(_format_one(c) for c in [cmp, *cmp.get("also", [])])
+
+
+def _format_one(cmp: dict[str, Any]) -> str:
+    if "refused" in cmp:
+        return f"{cmp['task']}: not compared, {cmp['refused']}"
     lines = [f"{cmp['task']}: B = {cmp['b']}  vs  A = {cmp['a']}",
              f"{cmp['examples']} examples evaluated by both (paired bootstrap, {cmp['n_resamples']} resamples, seed {cmp['seed']})"]
     if cmp["only_in_a"] or cmp["only_in_b"]:

@@ -4,7 +4,9 @@
 - ``RUN/results.json``: training numbers (trainable/total params, peak memory, train time,
   tokens/s, final loss, seed); schema version 1, older files are read as far as they go;
 - ``RUN/eval/results.json``: the task's metrics and which one is primary;
-- a ``BASE`` marker makes a directory an untrained-baseline evaluation (method ``base``).
+- a ``BASE`` marker makes a directory an untrained-baseline evaluation (method ``base``);
+- ``RUN/eval/harness/<task>/results.json``: lm-evaluation-harness results, one record per task
+  (task ``harness:<task>``, so they get their own table), rows split by their protocol.
 
 A run that cannot be reported (unfinished, failed, unreadable) is left out with a note saying why.
 """
@@ -197,10 +199,12 @@ def load_run(path: Path, notes: list[str]) -> Optional[RunRecord]:
     cfg = _read_config(run, notes)
     if cfg is None:
         return None
-    flat = flat_config(cfg)
+    # the harness.* settings never change tunelab's own evaluation (its records: load_harness_runs)
+    flat = {k: v for k, v in flat_config(cfg).items() if not k.startswith("harness.")}
     is_base = run.is_base
     if not (run.is_evaluated if is_base else run.is_trained):
-        notes.append(_unfinished_note(run))
+        if not (is_base and run.harness_results()):  # a harness-only baseline: see load_harness_runs
+            notes.append(_unfinished_note(run))
         return None
     train: dict = {}
     if not is_base:
@@ -224,6 +228,35 @@ def load_run(path: Path, notes: list[str]) -> Optional[RunRecord]:
     return rec
 
 
+def load_harness_runs(path: Path, notes: list[str]) -> list[RunRecord]:
+    """One record per lm-evaluation-harness task evaluated in the run directory (a trained run or a baseline)."""
+    run = RunDir(path)
+    folders = run.harness_results()
+    if not folders or not (run.is_base or run.is_trained):
+        return []
+    cfg = _read_config(run, [])  # load_run already noted an unreadable config
+    if cfg is None:
+        return []
+    flat = {k: v for k, v in flat_config(cfg).items() if not k.startswith("harness.")}
+    train = {} if run.is_base else (read_train_results(run.results_file, []) or {})
+    method = BASELINE_METHOD if run.is_base else str(flat.get("method.name", "unknown"))
+    records = []
+    for name, folder in folders.items():
+        ev = read_eval_results(folder / RunDir.RESULTS_FILE, notes)
+        if ev is None:
+            continue
+        raw = _read_json(folder / RunDir.RESULTS_FILE, []) or {}
+        proto = raw.get("protocol") or {}
+        # the settings the harness ran with (an eval override is not in the run's config.yaml)
+        config = {**flat, **{f"harness.{k}": proto.get(k) for k in ("num_fewshot", "max_new_tokens", "limit")}}
+        rec = RunRecord(path=path, name=path.name, task=ev["task"] or f"harness:{name}", method=method,
+                        is_base=run.is_base, config=config, train=train)
+        rec.metrics, rec.primary_metric = ev["metrics"], ev["primary"]
+        rec.eval_signature, rec.eval_n = ev["signature"], ev["n"]
+        records.append(rec)
+    return records
+
+
 def collect_runs(roots: list[Path]) -> tuple[list[RunRecord], list[str]]:
     notes: list[str] = []
     dirs = find_run_dirs([Path(r) for r in roots])
@@ -233,4 +266,5 @@ def collect_runs(roots: list[Path]) -> tuple[list[RunRecord], list[str]]:
             "point tunelab report at the folder of a sweep (e.g. runs/<sweep>) or at run directories"
         )
     runs = [r for r in (load_run(d, notes) for d in dirs) if r is not None]
+    runs += [r for d in dirs for r in load_harness_runs(d, notes)]
     return runs, notes
