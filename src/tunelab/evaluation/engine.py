@@ -1,9 +1,10 @@
 """The generation engine shared by ``tunelab eval`` and ``tunelab generate``.
 
-* :func:`generate`: batched decoding. Prompts are sorted by length (longest first, so memory
-  problems surface at once) and generated in batches with left padding; each row stops at EOS or
-  as soon as the task says its answer is complete (GSM8K: once the ``#### <number>`` line ends),
-  so no compute is spent on text after the answer.
+* :func:`generate`: batched decoding, by default continuous batching (:mod:`~tunelab.evaluation.decode`:
+  a finished row's slot takes the next prompt), or transformers ``generate`` on length-sorted
+  batches (``eval.decoder=hf``, the reference; beam search). Each row stops at EOS or as soon as
+  the task says its answer is complete (GSM8K: once the ``#### <number>`` line ends), so no
+  compute is spent on text after the answer.
 * :class:`Generator`: a run's task, generation settings and decoding options (:class:`DecodeOptions`)
   around a loaded model: prompts through the task's template (and the chat template), the
   completion cut at --stop strings and by the task's trim, optionally streamed
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 import torch
 
 from tunelab.config import ConfigError, EvalConfig, opt
-from tunelab.data import pad_rows
+from tunelab.data import pad_rows, render
 from tunelab.tasks import Task, get_task
 from tunelab.utils import log, seed_everything
 
@@ -72,22 +73,67 @@ def generate(model, tokenizer, prompts: list[str], eval_cfg: EvalConfig, stop_ch
              progress: bool = True, sampling: dict | None = None, on_batch=None) -> tuple[list[str], int]:
     """Completions for prompts (in input order) and the number of generated tokens.
 
-    Batches are length-sorted (longest first, so memory problems surface at once); left padding.
-    ``on_batch(indices, completions)`` is called after each batch (used by resumable batch mode).
+    ``eval_cfg.decoder`` picks the loop: ``continuous`` (:mod:`tunelab.evaluation.decode`: a finished
+    row's slot takes the next prompt; ``eval_cfg.batch_size`` slots) or ``hf`` (transformers
+    ``generate`` on length-sorted, left-padded batches: the reference). Beam search, n-gram blocking
+    and streaming always use ``hf``. Prompts are taken longest first (memory problems surface at once).
+    ``on_batch(indices, completions)`` is called as rows finish (hf: per batch; continuous: per
+    step that finished rows), so resumable batch mode writes completions as soon as they exist.
     """
-    from transformers import StoppingCriteriaList
+    from tunelab.evaluation import decode
 
-    device = next(model.parameters()).device
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
-    out: list[str | None] = [None] * len(prompts)
-    n_generated = 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = [render.encode_prompt(p, tokenizer) for p in prompts]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), desc="generate", unit="ex", dynamic_ncols=True)
+
+    def finished(indices: list[int], texts: list[str]) -> None:
+        if on_batch is not None:
+            on_batch(indices, texts)
+        if bar:
+            bar.update(len(indices))
+
+    why_not = None
+    if eval_cfg.decoder == "continuous":
+        why_not = decode.unsupported_reason(model, eval_cfg.num_beams, eval_cfg.no_repeat_ngram_size, sampling)
+        if why_not:
+            log.debug(f"generation uses transformers generate: the continuous decoder does not do {why_not}")
+    try:
+        if eval_cfg.decoder == "continuous" and why_not is None:
+            return _generate_continuous(model, tokenizer, enc, eval_cfg, stop_check, sampling, finished)
+        return _generate_hf(model, tokenizer, enc, eval_cfg, stop_check, sampling, finished)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _generate_continuous(model, tokenizer, enc: list[list[int]], eval_cfg: EvalConfig, stop_check, sampling,
+                         finished) -> tuple[list[str], int]:
+    from tunelab.evaluation.decode import ContinuousDecoder
+
+    decoder = ContinuousDecoder(model, tokenizer, eval_cfg.batch_size, eval_cfg.max_new_tokens,
+                                [tokenizer.eos_token_id], stop_check, sampling)
+
+    def on_finish(indices: list[int], tokens: list[list[int]]) -> None:
+        finished(indices, [tokenizer.decode(t, skip_special_tokens=True) for t in tokens])
+
+    generated = decoder.run(enc, on_finish)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in generated]
+    return texts, sum(len(t) for t in generated)
+
+
+def _generate_hf(model, tokenizer, enc: list[list[int]], eval_cfg: EvalConfig, stop_check, sampling,
+                 finished) -> tuple[list[str], int]:
+    """transformers ``generate`` per length-sorted batch of ``eval_cfg.batch_size`` (left padding)."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    out: list[str | None] = [None] * len(enc)
+    n_generated = 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(order), eval_cfg.batch_size):
         idx = order[start:start + eval_cfg.batch_size]
         ids, mask = pad_rows([enc[i] for i in idx], pad_id, side="left")
@@ -115,12 +161,7 @@ def generate(model, tokenizer, prompts: list[str], eval_cfg: EvalConfig, stop_ch
             text = tokenizer.decode(row, skip_special_tokens=True)
             out[i] = text
             texts.append(text)
-        if on_batch is not None:
-            on_batch(idx, texts)
-        if bar:
-            bar.update(len(idx))
-    if bar:
-        bar.close()
+        finished(idx, texts)
     return [o or "" for o in out], n_generated
 
 
@@ -270,6 +311,8 @@ class Generator:
         cfg = target.cfg
         self.target, self.options, self.raw, self.chat = target, options, raw, chat
         self.task: Task = get_task(cfg.task.name)(cfg.task)
+        # the run's prompt format (what it was trained and is evaluated with); --chat: chat for this call
+        self.task_cfg = replace(cfg.task, prompt_format="chat") if chat else cfg.task
         eval_cfg: EvalConfig = generation_settings(self.task, cfg.eval)
         if options.max_new_tokens is not None:
             eval_cfg = replace(eval_cfg, max_new_tokens=options.max_new_tokens)
@@ -293,8 +336,11 @@ class Generator:
             cfg = self.target.cfg
             log.info(f"loading {self.target.description}")
             self.model, self.tokenizer = load_model_for_eval(cfg, self.target.run, self.device)
-            if self.chat and not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"--chat: the tokenizer of {cfg.model.name} has no chat template; drop --chat")
+            if self.chat:
+                try:
+                    render.prepare_tokenizer(self.tokenizer, self.task_cfg)
+                except ConfigError as exc:
+                    raise ConfigError([f"--chat: {p}; or drop --chat" for p in exc.problems]) from None
         return self
 
     def _seed(self) -> None:
@@ -304,15 +350,16 @@ class Generator:
 
     # ---- prompts -------------------------------------------------------------------------------
     def _wrap(self, prompt: str) -> str:
+        """A task-formatted prompt rendered in the run's prompt format (:func:`tunelab.data.render.generation_prompt`,
+        as eval renders it); --raw text stays as it is unless --chat asks for the chat template."""
         self.load()
-        if not self.chat:
+        if self.raw and not self.chat:
             return prompt
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return render.generation_prompt(prompt, self.tokenizer, self.task_cfg)
 
     def prompt_for_text(self, text: str) -> str:
-        """The model's prompt for one user input: the task template (unless raw), the chat template (if chat)."""
+        """The model's prompt for one user input: the task template (unless raw), then the run's prompt
+        format (task.prompt_format; --chat: the chat template)."""
         if not text.strip():
             raise ValueError("the prompt is empty: pass the text to complete (e.g. --prompt \"What is 7*6?\")")
         if self.raw:
@@ -379,6 +426,9 @@ class Generator:
             "task": self.task.name,
             "raw": self.raw,
             "chat": self.chat,
+            "prompt_format": self.task_cfg.prompt_format,
+            "system_prompt": self.task_cfg.system_prompt,
+            "chat_template": self.task_cfg.chat_template,
             "task_stop": self.task_stop,
             "stop": self.stops,
             "max_new_tokens": self.eval_cfg.max_new_tokens,
