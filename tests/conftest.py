@@ -54,6 +54,20 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with larger random weights (init range 0.3), so greedy completions vary (digits, newlines)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("varied-llama")
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg.initializer_range = 0.3
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture()
 def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM

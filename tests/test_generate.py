@@ -29,19 +29,6 @@ N_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def varied_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("varied-llama")
-    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
-    cfg.initializer_range = 0.3
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def run(tmp_path_factory, varied_model_dir) -> Path:
     """A LoRA run (2 steps) evaluated on the first 4 GSM8K test questions."""
     from tunelab.evaluation.evaluate import evaluate

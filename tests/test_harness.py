@@ -38,7 +38,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tunelab.config import ConfigError, load_config
@@ -55,20 +54,6 @@ def _cli(*args) -> int:
     from tunelab.cli import main
 
     return main(list(args))
-
-
-@pytest.fixture(scope="module")
-def varied_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny Llama with larger random weights, so greedy completions vary (digits, newlines)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("harness-llama")
-    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
-    cfg.initializer_range = 0.3
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
 
 
 def _harness_args(limit=N_DOCS):
