@@ -13,6 +13,7 @@ from tunelab.data.examples import (
     build_train_dataset,
     select_examples,
     tokenize_example,
+    tokenize_references,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "real_tokens",
     "select_examples",
     "tokenize_example",
+    "tokenize_references",
 ]

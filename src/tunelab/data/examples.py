@@ -97,6 +97,23 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, overlong: str, tas
     return TokenizedExample(ids, labels, ex.id), status
 
 
+def tokenize_references(examples: list[Example], tokenizer, max_length: int, task_cfg=None,
+                        train_on: str = "auto") -> tuple[list[TokenizedExample], int, int]:
+    """Held-out examples tokenized as in training, for a teacher-forced reference loss: the end of an
+    over-long example cut at ``max_length`` (counted), one whose prompt leaves no room dropped (counted),
+    sorted by length (less padding). Returns (tokenized, truncated, dropped)."""
+    tokenized, truncated, dropped = [], 0, 0
+    for ex in examples:
+        tok, status = tokenize_example(ex, tokenizer, max_length, "truncate", task_cfg, train_on)
+        if tok is None:
+            dropped += 1
+            continue
+        truncated += status == "truncated"
+        tokenized.append(tok)
+    tokenized.sort(key=len)
+    return tokenized, truncated, dropped
+
+
 def build_train_dataset(task: Task, tokenizer, cfg: DataConfig, seed: int) -> tuple[list[TokenizedExample], DataStats]:
     """The training examples, tokenized: data.limit / train_fraction (and the data.eval_fraction hold-out)
     choose among the task's usable rows first, and only the chosen rows become examples and tokens."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data import IGNORE_INDEX, collate, tokenize_example
+from tunelab.data import IGNORE_INDEX, collate, tokenize_references
 from tunelab.data.render import describe_format, generation_prompt, prepare_tokenizer
 from tunelab.evaluation.engine import generate, generation_settings
 from tunelab.loss import TargetPositionSelector, target_loss
@@ -159,15 +159,7 @@ def reference_loss(model, tokenizer, examples: list[Example], max_length: int, b
     example id to (summed NLL, reference tokens), for paired comparisons (`tunelab compare`).
     """
 
-    tokenized, truncated, dropped = [], 0, 0
-    for ex in examples:
-        t, status = tokenize_example(ex, tokenizer, max_length, "truncate", task_cfg, train_on)
-        if t is None:
-            dropped += 1
-            continue
-        truncated += status == "truncated"
-        tokenized.append(t)
-    tokenized.sort(key=len)
+    tokenized, truncated, dropped = tokenize_references(examples, tokenizer, max_length, task_cfg, train_on)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     selector = TargetPositionSelector(model)

@@ -40,7 +40,7 @@ from typing import Any, Optional
 import torch
 
 from tunelab.config import ConfigError, RunConfig
-from tunelab.data import IGNORE_INDEX, collate, tokenize_example
+from tunelab.data import IGNORE_INDEX, collate, tokenize_references
 from tunelab.data.examples import held_out_examples
 from tunelab.loss import target_loss
 from tunelab.tasks import Example
@@ -112,14 +112,9 @@ class HeldOutEvaluator:
 
     def _tokenize(self, examples: list[Example]):
         """As :func:`~tunelab.evaluation.evaluate.reference_loss` does: over-long references cut, sorted by length."""
-        out, truncated = [], 0
-        for ex in examples:
-            tok, status = tokenize_example(ex, self.tokenizer, self.cfg.data.max_length, "truncate",
-                                           self.cfg.task, self.cfg.data.train_on)
-            if tok is not None:
-                out.append(tok)
-                truncated += status == "truncated"
-        out.sort(key=len)  # less padding; each process's shard (rank::world) then gets similar lengths
+        # sorted by length: less padding, and each process's shard (rank::world) gets similar lengths
+        out, truncated, _ = tokenize_references(examples, self.tokenizer, self.cfg.data.max_length,
+                                                self.cfg.task, self.cfg.data.train_on)
         return out, truncated
 
     # ---- when ----------------------------------------------------------------------------------
