@@ -122,6 +122,28 @@ def test_engine_continuous_equals_hf_with_stop_rule(model_and_tok, slots):
     assert n_ours == sum(r[1] for r in ref)
 
 
+def test_hf_batches_count_stopped_rows_exactly_when_pad_is_eos(model_and_tok):
+    """The hf path in batches: rows stopped by the task's rule are padded by generate after the stop;
+    with the pad token equal to EOS (SmolLM2's case) that padding is not counted as an EOS. Texts and
+    token counts equal the continuous decoder's (which counts what it fed)."""
+    model, tok = model_and_tok
+    prompts = [tok.decode(p) for p in _prompts(tok)]
+    first = _hf_one(model, tok, tok(prompts[1], add_special_tokens=False)["input_ids"])
+    stop = _split_stop_string(tok, first)
+    check = lambda text: stop in text  # noqa: E731
+    cfg = EvalConfig(batch_size=4, max_new_tokens=MAX_NEW, decoder="hf")
+    saved = tok.pad_token_id
+    try:
+        tok.pad_token_id = tok.eos_token_id
+        hf, n_hf = generate(model, tok, prompts, cfg, check, progress=False)
+        cont, n_cont = generate(model, tok, prompts, replace(cfg, decoder="continuous"), check, progress=False)
+    finally:
+        tok.pad_token_id = saved
+    assert stop in hf[1]
+    assert hf == cont
+    assert n_hf == n_cont
+
+
 def test_stop_check_sees_whole_text_at_first_match(model_and_tok):
     """A row stops at the first token whose text satisfies the rule, not later."""
     model, tok = model_and_tok

@@ -2,7 +2,7 @@
 
 * :func:`generate`: batched decoding, by default continuous batching (:mod:`~tunelab.evaluation.decode`:
   a finished row's slot takes the next prompt), or transformers ``generate`` on length-sorted
-  batches (``eval.decoder=hf``, the reference; beam search). Each row stops at EOS or as soon as
+  batches (:mod:`~tunelab.evaluation.hf_generate`, ``eval.decoder=hf``: the reference; beam search). Each row stops at EOS or as soon as
   the task says its answer is complete (GSM8K: once the ``#### <number>`` line ends), so no
   compute is spent on text after the answer.
 * :class:`Generator`: a run's task, generation settings and decoding options (:class:`DecodeOptions`)
@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 import torch
 
 from tunelab.config import ConfigError, EvalConfig, opt
-from tunelab.data import pad_rows, render
+from tunelab.data import render
+from tunelab.evaluation.hf_generate import generate_hf
 from tunelab.tasks import Task, get_task
 from tunelab.utils import log, seed_everything
 
@@ -48,24 +49,6 @@ def generation_settings(task, eval_cfg: EvalConfig) -> EvalConfig:
         chosen = {k: v for k, v in presets[eval_cfg.preset].items() if getattr(eval_cfg, k) == getattr(defaults, k)}
         return replace(eval_cfg, **chosen)
     return eval_cfg
-
-
-class _RowStopper:
-    """StoppingCriteria: per row, stop once the task says the completion is finished."""
-
-    def __init__(self, tokenizer, prompt_width: int, check: Callable[[str], bool], num_rows: int):
-        self.tokenizer, self.prompt_width, self.check = tokenizer, prompt_width, check
-        self.done = torch.zeros(num_rows, dtype=torch.bool)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if self.done.shape[0] != input_ids.shape[0]:  # beam search expands rows
-            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        gen = input_ids[:, self.prompt_width:]
-        for row in range(gen.shape[0]):
-            if not self.done[row]:
-                text = self.tokenizer.decode(gen[row], skip_special_tokens=True)
-                self.done[row] = bool(self.check(text))
-        return self.done.to(input_ids.device).clone()
 
 
 @torch.inference_mode()
@@ -103,7 +86,7 @@ def generate(model, tokenizer, prompts: list[str], eval_cfg: EvalConfig, stop_ch
     try:
         if eval_cfg.decoder == "continuous" and why_not is None:
             return _generate_continuous(model, tokenizer, enc, eval_cfg, stop_check, sampling, finished)
-        return _generate_hf(model, tokenizer, enc, eval_cfg, stop_check, sampling, finished)
+        return generate_hf(model, tokenizer, enc, eval_cfg, stop_check, sampling, finished)
     finally:
         if bar:
             bar.close()
@@ -122,55 +105,6 @@ def _generate_continuous(model, tokenizer, enc: list[list[int]], eval_cfg: EvalC
     generated = decoder.run(enc, on_finish)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in generated]
     return texts, sum(len(t) for t in generated)
-
-
-def _generate_hf(model, tokenizer, enc: list[list[int]], eval_cfg: EvalConfig, stop_check, sampling,
-                 finished) -> tuple[list[str], int]:
-    """transformers ``generate`` per length-sorted batch of ``eval_cfg.batch_size`` (left padding)."""
-    from transformers import StoppingCriteriaList
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    out: list[str | None] = [None] * len(enc)
-    n_generated = 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(order), eval_cfg.batch_size):
-        idx = order[start:start + eval_cfg.batch_size]
-        ids, mask = pad_rows([enc[i] for i in idx], pad_id, side="left")
-        width = ids.shape[1]
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=eval_cfg.max_new_tokens,
-            num_beams=eval_cfg.num_beams,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-            do_sample=False,
-        )
-        if eval_cfg.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = eval_cfg.no_repeat_ngram_size
-        if sampling:
-            kwargs.update(sampling)
-        if stop_check is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_RowStopper(tokenizer, width, stop_check, len(idx))])
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new = gen[:, width:].cpu()
-        texts = []
-        for r, i in enumerate(idx):
-            row = new[r]
-            # count tokens up to and including the first EOS (the rest is padding of finished rows)
-            n_generated += _generated_length(row, tokenizer.eos_token_id, pad_id)
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            out[i] = text
-            texts.append(text)
-        finished(idx, texts)
-    return [o or "" for o in out], n_generated
-
-
-def _generated_length(row: torch.Tensor, eos_id: int, pad_id: int) -> int:
-    """Tokens really generated in a row: up to and including the first EOS; finished rows are padded."""
-    eos = (row == eos_id).nonzero()
-    if len(eos):
-        return int(eos[0, 0]) + 1
-    return int((row != pad_id).sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +366,7 @@ class Generator:
             "task_stop": self.task_stop,
             "stop": self.stops,
             "max_new_tokens": self.eval_cfg.max_new_tokens,
+            "decoder": self.eval_cfg.decoder,
             "num_beams": self.eval_cfg.num_beams,
             "no_repeat_ngram_size": self.eval_cfg.no_repeat_ngram_size,
             "temperature": self.options.temperature,

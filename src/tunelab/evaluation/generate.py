@@ -215,7 +215,8 @@ def prepare_batch(gen: Generator, input_path: Path, output: Path, field: str | N
             )
         if meta.is_file():
             before = _meta_settings(meta, output)
-            changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+            # a key the earlier output does not record (written by a tunelab that did not record it) is not a change
+            changed = {k: (before[k], v) for k, v in settings.items() if k in before and before[k] != v}
             if changed:
                 shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
                 raise ValueError(
