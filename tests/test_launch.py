@@ -29,6 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from procs import kill_group, run_group
 from tunelab.cli import main
 from tunelab.launch import (
     SlurmConfig,
@@ -303,36 +304,6 @@ def _write_sweep(tmp_path: Path, tiny_model_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_group(cmd: list[str], log: Path, timeout: float, marker: str) -> int:
-    """Run cmd in its own process group; on timeout kill the whole group (torchrun and its ranks too)."""
-    with open(log, "a") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s:\n{log.read_text()[-3000:]}") from None
-        finally:
-            _kill_group(proc, marker)
-
-
-def _kill_group(proc: subprocess.Popen, marker: str) -> None:
-    """Kill what is left of a launch: its process group, and ranks (own sessions under torchrun) whose
-    command line holds ``marker`` (this test's unique run directory) once a dead launcher orphaned them."""
-    import psutil
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-
-
 def _wait_for_steps(metrics: Path, n: int, proc: subprocess.Popen, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -370,7 +341,7 @@ def test_ddp_two_ranks_preempted_resumed_equal_one_process(tiny_model_dir, tmp_p
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            _kill_group(proc, str(ddp))
+            kill_group(proc, str(ddp))
     text = log1.read_text()
     assert rc == 143, f"expected the preemption exit code 143, got {rc}:\n{text[-3000:]}"
     ckpts = sorted((ddp / "checkpoints").glob("step-*"))
@@ -380,7 +351,7 @@ def test_ddp_two_ranks_preempted_resumed_equal_one_process(tiny_model_dir, tmp_p
     assert "global batch = 1 per device x 2 accumulation x 2 processes = 4 examples" in text
 
     log2 = tmp_path / "ddp-2.log"
-    rc = _run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(ddp)], log2, timeout=300,
+    rc = run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(ddp)], log2, timeout=300,
                     marker=str(ddp))
     text = log2.read_text()
     assert rc == 0, text[-3000:]
@@ -429,7 +400,7 @@ def test_fsdp_two_ranks_full_finetune_resumed_equals_one_process(tiny_model_dir,
     log = tmp_path / "fsdp.log"
     cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *_tiny(tiny_model_dir, sharded, *common,
            "train.parallelism=fsdp", "train.batch_size=1", "train.grad_accum=2", "train.save_steps=2")]
-    assert _run_group(cmd, log, timeout=300, marker=str(sharded)) == 0, log.read_text()[-3000:]
+    assert run_group(cmd, log, timeout=300, marker=str(sharded)) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "FSDP2: 2 blocks (LlamaDecoderLayer) + root sharded over 2 processes" in text
     assert "x 2 processes = 4 examples; 4 optimizer steps (4 per epoch); FSDP2 (sharded)" in text
@@ -441,7 +412,7 @@ def test_fsdp_two_ranks_full_finetune_resumed_equals_one_process(tiny_model_dir,
         p = sharded / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert [c.name for c in (sharded / "checkpoints").iterdir()] == ["step-000002"]
-    rc = _run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(sharded)], log,
+    rc = run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(sharded)], log,
                     timeout=300, marker=str(sharded))
     assert rc == 0, log.read_text()[-3000:]
     resumed = load_file(str(sharded / "model" / "model.safetensors"))
@@ -471,7 +442,7 @@ def test_fsdp_two_ranks_lora_equals_one_process(tiny_model_dir, tmp_path, quiet_
     sharded, one, log = tmp_path / "fsdp", tmp_path / "one", tmp_path / "fsdp.log"
     cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *_tiny(tiny_model_dir, sharded, *common,
            "train.parallelism=fsdp", "train.batch_size=1", "train.grad_accum=2")]
-    assert _run_group(cmd, log, timeout=300, marker=str(sharded)) == 0, log.read_text()[-3000:]
+    assert run_group(cmd, log, timeout=300, marker=str(sharded)) == 0, log.read_text()[-3000:]
     train(load_config(overrides=_tiny(tiny_model_dir, one, *common, "train.batch_size=4")))
     a = load_file(str(sharded / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(one / "adapter" / "adapter_model.safetensors"))
@@ -501,7 +472,7 @@ def test_deepspeed_zero3_two_ranks_resumed_equals_one_process(tiny_model_dir, tm
     cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *_tiny(tiny_model_dir, run, *common,
            "train.parallelism=deepspeed", f"train.deepspeed_config={ds_file}", "train.batch_size=1",
            "train.grad_accum=2", "train.save_steps=2")]
-    assert _run_group(cmd, log, timeout=300, marker=str(run)) == 0, log.read_text()[-3000:]
+    assert run_group(cmd, log, timeout=300, marker=str(run)) == 0, log.read_text()[-3000:]
     assert "ZeRO stage 3" in log.read_text()
     uninterrupted = load_file(str(run / "model" / "model.safetensors"))
     ckpt = run / "checkpoints" / "step-000002"
@@ -512,7 +483,7 @@ def test_deepspeed_zero3_two_ranks_resumed_equals_one_process(tiny_model_dir, tm
     for name in ("model", "results.json", "tokenizer", *later):
         p = run / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    rc = _run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(run)], log,
+    rc = run_group([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--resume", str(run)], log,
                     timeout=300, marker=str(run))
     assert rc == 0, log.read_text()[-3000:]
     assert json.loads((run / "results.json").read_text())["parallelism"] == "deepspeed"

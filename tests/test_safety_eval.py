@@ -14,7 +14,7 @@ import pytest
 
 from tunelab.cli import main
 from tunelab.config import ConfigError, load_config
-from tunelab.rundir import NotOurs, RunDir
+from tunelab.rundir import RunDir
 from tunelab.tasks import get_task
 from tunelab.utils import read_jsonl
 

@@ -1,9 +1,6 @@
 """Trainer behaviour on the tiny model: LoRA trains only the adapter, resume is exact, merge is exact."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +105,7 @@ def test_merge_equivalence(tiny_model_dir, tmp_path):
     report = merge_run(RunDir(run).config(), run)
     assert report["max_abs_logit_diff"] <= 1e-3
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
-    adapter_model, _ = load_model_for_eval(RunDir(run).config(), run)
+    adapter_model, _ = load_model_for_eval(RunDir(run).config(), run, merge=False)
     ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter_model(ids).logits, rtol=1e-4, atol=1e-4)

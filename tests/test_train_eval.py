@@ -2,11 +2,8 @@
 stopping keeping the best model, exact resume, DDP (2 gloo ranks), the report's loss curves, bad input."""
 
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from procs import run_group
 from tunelab.config import ConfigError, load_config
 from tunelab.rundir import RunDir
 from tunelab.train import train
@@ -315,33 +313,18 @@ def test_eval_limit_above_the_split_uses_all_and_says_so(tiny_model_dir, tmp_pat
 # ---- DDP and FSDP: 2 gloo ranks (real processes, as in tests/test_launch.py) ------------------------------
 
 
-def _run_group(cmd: list[str], log: Path, timeout: float) -> int:
-    """Run cmd in its own process group; on timeout kill the whole group (torchrun and its ranks)."""
-    with open(log, "a") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s:\n{log.read_text()[-3000:]}") from None
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_eval_equals_one_process(tiny_model_dir, tmp_path, monkeypatch, mode):
     """Each rank scores its shard of 5 held-out examples (3 and 2, batches of 2: rank 1 runs a filler
     batch) and the sums are all-reduced: the eval lines equal one process with the same global batch.
-    FSDP (full fine-tuning) also generates (eval_generate) in lockstep on both ranks, and its end
-    checkpoint follows an evaluation with no backward after it (FSDP2 must reshard the root first)."""
+    Both generate (eval_generate): DDP each rank its share of the prompts, gathered; FSDP (full
+    fine-tuning) all of them in lockstep on both ranks; the task metric equals one process's. FSDP's
+    end checkpoint follows an evaluation with no backward after it (FSDP2 must reshard the root first)."""
     for k, v in {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
                  "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(k, v)
-    method = ["method=lora", "method.dropout=0"] if mode == "ddp" else [
-        "method=full", "train.eval_generate=true", "eval.max_new_tokens=4"]
+    method = ["method=lora", "method.dropout=0"] if mode == "ddp" else ["method=full"]
+    method += ["train.eval_generate=true", "eval.max_new_tokens=4"]
     common = [f"model={tiny_model_dir}", "task=gsm8k", *method, "data.limit=8", "data.shuffle=false",
               "data.group_by_length=false", "train.max_steps=3", "model.device=cpu", "train.lr=1e-2",
               "train.eval_steps=2", "train.eval_limit=5", "eval.batch_size=2", "train.report_to=[]",
@@ -350,13 +333,13 @@ def test_two_ranks_eval_equals_one_process(tiny_model_dir, tmp_path, monkeypatch
     log = tmp_path / f"{mode}.log"
     cmd = [sys.executable, "-m", "tunelab", "train", "--nproc", "2", *common, f"out={two}",
            f"train.parallelism={mode}", "train.batch_size=1", "train.grad_accum=2"]
-    assert _run_group(cmd, log, timeout=400) == 0, log.read_text()[-3000:]
+    assert run_group(cmd, log, timeout=400, marker=str(two)) == 0, log.read_text()[-3000:]
     train(load_config(overrides=[*common, f"out={one}", "train.batch_size=4"]))
     d, o = _lines(two)[1], _lines(one)[1]
     assert [r["step"] for r in d] == [r["step"] for r in o] == [2, 3]
     assert [r["eval/reference_tokens"] for r in d] == [r["eval/reference_tokens"] for r in o]
     assert [r["eval/ref_nll"] for r in d] == pytest.approx([r["eval/ref_nll"] for r in o], rel=1e-5)
     assert o[0]["eval/ref_nll"] != o[1]["eval/ref_nll"]  # it trained between the two evaluations
-    if mode == "fsdp":
-        assert [r["eval/accuracy_strict"] for r in d] == [r["eval/accuracy_strict"] for r in o]
+    for key in ("eval/accuracy_strict", "eval/answer_format_rate"):
+        assert [r[key] for r in d] == [r[key] for r in o]
     assert json.loads((two / "results.json").read_text())["eval"]["examples"] == 5

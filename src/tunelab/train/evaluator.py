@@ -18,9 +18,10 @@ eval`` is reused: the tokenization, :func:`tunelab.loss.target_loss`, the genera
 - Several processes: each scores its shard of the held-out set (``rank::world``) and the sums are
   all-reduced, so every process gets the same number (and the same early-stopping decision). Every
   process runs the same number of forwards (a short shard repeats a filler batch whose result is
-  dropped), because a sharded model's forward is a collective. Generation (``eval_generate``) runs
-  the whole held-out set on every process for the same reason: a sharded model must decode in
-  lockstep, and with identical prompts and greedy decoding the processes do.
+  dropped), because a sharded model's forward is a collective. Generation (``eval_generate``): under
+  DDP (and ZeRO 1-2) each process generates its share of the prompts and the completions are
+  gathered; a sharded model (FSDP, ZeRO-3) must decode in lockstep, so there every process
+  generates all of them (with identical prompts and greedy decoding the processes agree).
 - No randomness is drawn, and the torch RNG states are restored anyway, so a run with evaluation
   resumes bit-exactly (its state, the best loss so far, goes into every checkpoint).
 - Early stopping (``train.early_stopping_patience``): a checkpoint is written at each new best
@@ -44,7 +45,7 @@ from tunelab.data import IGNORE_INDEX, collate, tokenize_references
 from tunelab.data.examples import held_out_examples
 from tunelab.loss import target_loss
 from tunelab.tasks import Example
-from tunelab.train.parallel import all_reduce_sum
+from tunelab.train.parallel import all_gather_objects, all_reduce_sum
 from tunelab.utils import log
 
 
@@ -140,7 +141,7 @@ class HeldOutEvaluator:
         t0 = time.perf_counter()
         with _eval_mode(model), _rng_kept():
             nll_sum, n_tokens = self._ref_nll(model, selector, backend)
-            metrics = self._generate(plain_model, backend) if self.cfg.train.eval_generate else {}
+            metrics = self._generate(model, plain_model, backend) if self.cfg.train.eval_generate else {}
         nll = nll_sum / max(n_tokens, 1.0)
         new_best = self.best_ref_nll is None or nll < self.best_ref_nll
         if new_best:
@@ -189,15 +190,26 @@ class HeldOutEvaluator:
                 n_tokens += int(count)
         return all_reduce_sum(nll_sum, self.procs), all_reduce_sum(float(n_tokens), self.procs)
 
-    def _generate(self, plain_model, backend) -> dict[str, float]:
-        """The task's metrics on completions of the held-out prompts (every process generates all of them),
-        in the training precision (the backend's autocast, as the loss)."""
+    def _generate(self, model, plain_model, backend) -> dict[str, float]:
+        """The task's metrics on completions of the held-out prompts, in the training precision (the
+        backend's autocast, as the loss). Each process generates its share (``rank::world``) and the
+        completions are gathered, except where the weights are sharded: there every process generates
+        all of them in lockstep (:meth:`Backend.decodes_in_lockstep`)."""
         from tunelab.evaluation.engine import generate, generation_settings
 
         eval_cfg = generation_settings(self.task, self.cfg.eval)
+        prompts = self._prompts()
+        rank, world = self.procs.rank, self.procs.world
+        share = 1 if backend.decodes_in_lockstep(model) else world
+        mine = list(range(len(prompts)))[rank::world] if share > 1 else list(range(len(prompts)))
         with backend.autocast():
-            raw, _ = generate(plain_model, self.tokenizer, self._prompts(), eval_cfg, self.task.stop_checker(),
-                              progress=False)
+            texts, _ = generate(plain_model, self.tokenizer, [prompts[i] for i in mine], eval_cfg,
+                                self.task.stop_checker(), progress=False)
+        raw = [""] * len(prompts)
+        parts = all_gather_objects((mine, texts), self.procs) if share > 1 else [(mine, texts)]
+        for indices, completions in parts:
+            for i, text in zip(indices, completions):
+                raw[i] = text
         scored = self.task.score(self.examples, [self.task.trim_completion(c) for c in raw])
         return {k: float(v) for k, v in scored.metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}

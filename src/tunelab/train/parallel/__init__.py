@@ -5,6 +5,7 @@ from __future__ import annotations
 from tunelab.train.parallel.base import Backend, full_tensor
 from tunelab.train.parallel.distributed import (
     Processes,
+    all_gather_objects,
     all_reduce_sum,
     any_process,
     init_distributed,
@@ -29,5 +30,5 @@ def make_backend(train_cfg, procs: Processes, precision=None) -> Backend:
     return Backend(procs, precision)
 
 
-__all__ = ["Backend", "Processes", "all_reduce_sum", "any_process", "full_tensor", "init_distributed",
+__all__ = ["Backend", "Processes", "all_gather_objects", "all_reduce_sum", "any_process", "full_tensor", "init_distributed",
            "make_backend", "one_process_group"]

@@ -68,6 +68,11 @@ class Backend:
         """Context of the forward pass and the loss: autocast under mixed precision, else nothing."""
         return self.precision.autocast()
 
+    def decodes_in_lockstep(self, model: nn.Module) -> bool:
+        """Whether every process must run the same forwards to generate (its weights are sharded, so a
+        forward is a collective); otherwise each process can generate its own share of the prompts."""
+        return False
+
     def backward(self, model: nn.Module, loss: torch.Tensor, sync: bool) -> None:
         loss.backward()
 

@@ -53,6 +53,10 @@ class DeepSpeedBackend(Backend):
     def unwrap(self, model):
         return model.module if is_deepspeed_engine(model) else model
 
+    def decodes_in_lockstep(self, model) -> bool:
+        # ZeRO-3 partitions the weights (gathered per forward, a collective); stages 1-2 keep them whole
+        return is_deepspeed_engine(model) and model.zero_optimization_stage() == 3
+
     def backward(self, model, loss, sync: bool) -> None:
         # the engine reduces (and ZeRO-partitions) gradients on the boundary micro-batch, which it
         # counts through step(): call it after every micro-batch but the last

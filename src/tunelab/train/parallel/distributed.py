@@ -86,6 +86,15 @@ def all_reduce_sum(value: float, procs: Processes) -> float:
     return float(t.item())
 
 
+def all_gather_objects(value, procs: Processes) -> list:
+    """``value`` of every process, in rank order (``[value]`` when alone); picklable values."""
+    if procs.world <= 1 or not dist.is_initialized():
+        return [value]
+    out: list = [None] * procs.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def any_process(flag: bool, procs: Processes) -> bool:
     return all_reduce_sum(1.0 if flag else 0.0, procs) > 0
 

@@ -20,6 +20,9 @@ class FsdpBackend(Backend):
     checkpoint_layout = "fsdp"
     description = "FSDP2 (sharded)"
 
+    def decodes_in_lockstep(self, model) -> bool:
+        return True  # a block's weights are all-gathered in its forward: every rank must run it
+
     def shard(self, model: nn.Module) -> nn.Module:
         """One shard group per transformer block, then the root (embeddings, final norm, head).
 
