@@ -8,6 +8,11 @@ questions, the untrained model and a LoRA-tuned run (``--run RUN``, or one train
   (b) HF generate, batch 16, max_new_tokens 256, no stop rule, input order
   (c) tunelab, eval.decoder=hf: length-sorted batches of eval.batch_size, stop at the answer line
   (d) tunelab, eval.decoder=continuous (the default): slots refilled as rows finish, same stop rule
+  (e) as (b), on the merged model (what (b) gains from merging the adapter alone)
+
+(a) and (b) run the model as a plain HF + PEFT user has it (a LoRA run: ``PeftModel``, unmerged);
+(c), (d) and (e) the model as ``tunelab eval`` loads it (``eval.merge_adapter=true``: the adapter
+folded into the weights in memory). On the untrained model all variants run the same model.
 
 Throughput: questions/s and generated tokens/s (tokens up to each row's EOS / stop point).
 "identical" counts questions whose scored completion (task trim) equals that of (a) / of (c).
@@ -39,6 +44,7 @@ VARIANTS = {
     "b": "(b) HF generate, batch 16, max_new_tokens 256",
     "c": "(c) tunelab eval.decoder=hf",
     "d": "(d) tunelab eval.decoder=continuous",
+    "e": "(e) HF generate, batch 16, max_new_tokens 256, merged model",
 }
 
 
@@ -46,7 +52,7 @@ def plain_generate(model, tok, prompts: list[str], batch: int, **limits) -> tupl
     """HF generate in input order, left padding, greedy, no stop rule (the original eval)."""
     import torch
 
-    from tunelab.evaluation.engine import _generated_length
+    from tunelab.evaluation.hf_generate import generated_length
 
     tok.padding_side = "left"
     texts, n_tokens = [], 0
@@ -55,19 +61,23 @@ def plain_generate(model, tok, prompts: list[str], batch: int, **limits) -> tupl
             enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(**enc, do_sample=False, pad_token_id=tok.pad_token_id, **limits)
             for row in out[:, enc.input_ids.shape[1]:]:
-                n_tokens += _generated_length(row, tok.eos_token_id, tok.pad_token_id)
+                n_tokens += generated_length(row, tok.eos_token_id, tok.pad_token_id)
                 texts.append(tok.decode(row, skip_special_tokens=True))
     return texts, n_tokens
 
 
-def run_variant(key: str, model, tok, prompts: list[str], eval_cfg, stop_check) -> tuple[float, float, list[str], int]:
-    """(wall seconds, CPU seconds of this process, raw completions, generated tokens) of one variant."""
+def run_variant(key: str, models: dict, tok, prompts: list[str], eval_cfg, stop_check) -> tuple[float, float, list[str], int]:
+    """(wall seconds, CPU seconds of this process, raw completions, generated tokens) of one variant.
+
+    ``models``: "peer" (as a plain HF + PEFT user has it) and "tunelab" (as tunelab eval loads it).
+    """
     from tunelab.evaluation.engine import generate
 
+    model = models["peer" if key in "ab" else "tunelab"]
     t0, c0 = time.perf_counter(), time.process_time()
     if key == "a":
         texts, n = plain_generate(model, tok, prompts, 8, max_length=500)
-    elif key == "b":
+    elif key in "be":
         texts, n = plain_generate(model, tok, prompts, 16, max_new_tokens=256)
     else:
         cfg = replace(eval_cfg, decoder="hf" if key == "c" else "continuous")
@@ -79,7 +89,7 @@ def _ratio(times: dict[str, list[float]], base: str, key: str) -> str:
     return f"{min(times[base]) / min(times[key]):.2f}x" if times.get(base) else "-"
 
 
-def bench_target(label: str, run: str | None, n: int, rounds: int, variants: str = "abcd") -> list[str]:
+def bench_target(label: str, run: str | None, n: int, rounds: int, variants: str = "abcde") -> list[str]:
     """Time every variant ``rounds`` times, alternating the order; the table rows of this target."""
     import torch
 
@@ -90,17 +100,19 @@ def bench_target(label: str, run: str | None, n: int, rounds: int, variants: str
 
     cfg = RunDir(run).config() if run else load_config(overrides=["task=gsm8k"])
     model, tok = load_model_for_eval(cfg, Path(run) if run else None)
+    peer = load_model_for_eval(cfg, Path(run), merge=False)[0] if run else model
+    models = {"peer": peer, "tunelab": model}
     task = get_task("gsm8k")(cfg.task)
     examples = task.examples("test")[:n]
     prompts = [e.prompt for e in examples]
     eval_cfg = replace(cfg.eval, max_new_tokens=256)
-    chosen = [k for k in VARIANTS if k in variants]
+    chosen = [k for k in VARIANTS if k in variants and (run or k != "e")]  # untrained: (e) is (b)
     times: dict[str, list[float]] = {k: [] for k in chosen}
     cpu: dict[str, list[float]] = {k: [] for k in chosen}
     done: dict[str, tuple[list[str], int]] = {}
     for r in range(rounds):
         for key in (chosen if r % 2 == 0 else list(reversed(chosen))):
-            seconds, cpu_s, texts, n_tok = run_variant(key, model, tok, prompts, eval_cfg, task.stop_checker())
+            seconds, cpu_s, texts, n_tok = run_variant(key, models, tok, prompts, eval_cfg, task.stop_checker())
             times[key].append(seconds)
             cpu[key].append(cpu_s)
             done[key] = (texts, n_tok)
@@ -142,7 +154,7 @@ def main() -> None:
     ap.add_argument("--run", help="the tuned run to bench (default: train one with --train-steps)")
     ap.add_argument("--train-steps", type=int, default=16, help="LoRA steps of the tuned run trained here")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds per variant (order alternates)")
-    ap.add_argument("--variants", default="abcd", help="which of a, b, c, d to run (e.g. cd)")
+    ap.add_argument("--variants", default="abcde", help="which of a, b, c, d, e to run (e.g. cd)")
     ap.add_argument("--only", choices=["untrained", "tuned"], help="bench one of the two models only")
     args = ap.parse_args()
     targets = [("untrained", None)] if args.only != "tuned" else []

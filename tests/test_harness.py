@@ -8,7 +8,7 @@ decoding and the token budget. Two tests show they agree question by question:
 - :func:`test_generation_agrees_question_by_question`: the same tiny model (fp32, batch 1, so no
   padding changes float rounding), the same 4 test questions, through tunelab's evaluation and
   through the harness: the same prompts, the same completions (after tunelab's trim), the same strict
-  and flexible verdicts per question; on a LoRA run too (adapter applied, unmerged).
+  and flexible verdicts per question; on a LoRA run too (the adapter merged in memory, as both load it).
 - :func:`test_scoring_agrees_question_by_question`: the harness's own pipeline (its filters
   ``strict-match`` / ``flexible-extract`` and its ``exact_match`` metric) run on scripted completions
   of real test questions, against tunelab's extractors on the same completions: identical verdicts.
@@ -113,6 +113,35 @@ def test_generation_agrees_question_by_question(evaluated, which):
         assert trim(raw) == pred["completion"], f"question {i}: completions differ"
         assert bool(s["strict-match"]["exact_match"]) == pred["correct"]
         assert bool(s["flexible-extract"]["exact_match"]) == pred["correct_flexible"]
+
+
+def test_chat_format_follows_the_run_and_agrees(tmp_path, varied_model_dir):
+    """task.prompt_format=chat: the harness asks in the chat template too (harness.apply_chat_template
+    left null follows the run), with task.system_prompt as the system turn: the same prompts and
+    completions as tunelab's own chat evaluation, and the protocol says so; harness.apply_chat_template=false
+    still forces plain prompts."""
+    from tunelab.tasks.gsm8k import Gsm8kConfig, Gsm8kTask
+
+    trim = Gsm8kTask(Gsm8kConfig()).trim_completion
+    out, n = tmp_path / "CHAT", 2
+    common = ["--base", f"model={varied_model_dir}", "task=gsm8k", "task.prompt_format=chat",
+              "task.system_prompt=Solve it.", f"out={out}"]
+    assert _cli("eval", *common, *_own_args(n)) == 0
+    assert _cli("eval", *common, *_harness_args(n)) == 0
+    own = [json.loads(line) for line in RunDir(out).predictions_file.read_text().splitlines()]
+    samples = _samples(RunDir(out).harness_task_dir("gsm8k"))
+    for pred in own:
+        s = samples[int(pred["id"])]["strict-match"]
+        assert pred["prompt"].startswith("<|im_start|>system\nSolve it.<|im_end|>\n<|im_start|>user\nQuestion: ")
+        assert s["arguments"][0][0] == pred["prompt"]
+        assert trim(s["resps"][0][0]) == pred["completion"]
+    proto = json.loads((RunDir(out).harness_task_dir("gsm8k") / "results.json").read_text())["protocol"]
+    assert proto["prompt_format"] == "chat" and proto["system_prompt"] == "Solve it."
+    assert len(proto["chat_template_sha256"]) == 64
+
+    assert _cli("eval", *common, *_harness_args(n), "harness.apply_chat_template=false", "--overwrite") == 0
+    plain = _samples(RunDir(out).harness_task_dir("gsm8k"))
+    assert all(v["strict-match"]["arguments"][0][0].startswith("Question: ") for v in plain.values())
 
 
 class ScriptedLM:
@@ -364,6 +393,7 @@ def test_bad_task_fails_before_the_model_loads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ev, "load_model_for_eval", lambda *a, **k: pytest.fail("the model was loaded"))
     assert _cli("eval", "--base", "harness=gsm8kk", f"out={tmp_path / 'B'}") == 2
+    assert not (tmp_path / "B").exists()  # nothing written for a command that did nothing
 
 
 def test_harness_settings_are_range_checked():

@@ -335,3 +335,28 @@ def test_end_of_turn_ids_name_the_token_a_chat_reply_stops_at(smol, llama3):
     other.chat_template = LLAMA3_TEMPLATE
     assert render_end_of_turn(other, CHAT) == [other.eos_token_id, eot]
     assert render_end_of_turn(other, PLAIN) == [other.eos_token_id]
+
+
+def test_a_run_keeps_its_chat_template_file(tiny_model_dir, tmp_path):
+    """A run trained with task.chat_template=FILE keeps a copy: after the file is edited or deleted,
+    `tunelab eval RUN` still renders with the template the run was trained with."""
+    from tunelab.cli import main
+    from tunelab.rundir import RunDir
+    from tunelab.train import train
+
+    custom = tmp_path / "custom.jinja"
+    custom.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\nCUSTOM {{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    run = tmp_path / "RUN"
+    train(load_config(overrides=[
+        f"model={tiny_model_dir}", "task=gsm8k", "task.prompt_format=chat", f"task.chat_template={custom}",
+        "method=lora", "data.limit=4", "train.max_steps=1", "train.report_to=[]", "train.progress_bar=false",
+        f"out={run}",
+    ]))
+    assert (run / RunDir.CHAT_TEMPLATE_FILE).read_text() == custom.read_text()
+    custom.write_text("{{ 'edited since' }}")
+    assert main(["eval", str(run), "eval.limit=2", "eval.max_new_tokens=2", "eval.reference_loss=false"]) == 0
+    custom.unlink()
+    assert main(["eval", str(run), "eval.limit=2", "eval.max_new_tokens=2", "eval.reference_loss=false"]) == 0
+    prompts = [json.loads(line)["prompt"] for line in RunDir(run).predictions_file.read_text().splitlines()]
+    assert len(prompts) == 2 and all(p.startswith("<|im_start|>user\nCUSTOM Question: ") for p in prompts)

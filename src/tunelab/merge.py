@@ -82,7 +82,7 @@ def merge_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None = None, overwr
         )
     check_out_dir(run, out_dir, cfg, overwrite)
     device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model_for_eval(cfg, run_dir, device)
+    model, tokenizer = load_model_for_eval(cfg, run_dir, device, merge=False)
     dtype = next(model.parameters()).dtype
     before = _logits(model, tokenizer, device)  # the model that was trained and evaluated
     if cfg.model.load_in_4bit:

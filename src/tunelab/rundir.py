@@ -50,6 +50,7 @@ class RunDir:
     HARNESS_RESULTS_FILE = "lm_eval_results.json"
     HARNESS_SAMPLES_FILE = "samples.jsonl"
     HF_CONFIG_FILE = "config.json"  # marks a Hugging Face model folder
+    CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the run's copy of a task.chat_template file
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -186,8 +187,10 @@ class RunDir:
         over, problems = parse_overrides(overrides or [])
         if problems:
             raise ConfigError(problems)
-        raw = deep_merge(self.raw_config(), over)
+        saved = self.raw_config()
+        raw = deep_merge(saved, over)
         raw["out"] = str(self.path)
+        self._use_own_chat_template(saved, raw)
         method_raw = raw.get("method") if isinstance(raw.get("method"), dict) else {}
         if self.is_trained and method_raw.get("name") in METHODS:
             for key in METHODS.get(method_raw["name"]).training_only_keys:
@@ -196,6 +199,16 @@ class RunDir:
                     log.info(f"{self.path}: method.{key}={value} is gone; not needed for a finished run")
                     method_raw[key] = None
         return build_config(raw, check_env=check_env)
+
+    def _use_own_chat_template(self, saved: dict, raw: dict) -> None:
+        """The run was trained with a task.chat_template file: its copy here is what later commands render
+        with (the user's file may have moved or changed since); an explicit override still wins."""
+        copy = self.path / self.CHAT_TEMPLATE_FILE
+        task, task_saved = raw.get("task"), saved.get("task")
+        if not copy.is_file() or not isinstance(task, dict) or not isinstance(task_saved, dict):
+            return
+        if task.get("chat_template") and task.get("chat_template") == task_saved.get("chat_template"):
+            task["chat_template"] = str(copy)
 
     def results(self) -> Optional[dict]:
         return _read_json(self.results_file)
@@ -220,6 +233,17 @@ class RunDir:
 
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.config_file)
+        self._keep_chat_template(cfg.task.chat_template)
+
+    def _keep_chat_template(self, path: Optional[str]) -> None:
+        """Copy a task.chat_template file into the run (see :meth:`config`): a run's prompts must not
+        depend on a file outside it."""
+        from tunelab.utils import atomic_write_text
+
+        copy = self.path / self.CHAT_TEMPLATE_FILE
+        if not path or not Path(path).expanduser().is_file() or Path(path).expanduser().resolve() == copy.resolve():
+            return
+        atomic_write_text(copy, Path(path).expanduser().read_text(encoding="utf-8"))
 
     def write_results(self, results: dict) -> None:
         from tunelab.utils import atomic_write_json

@@ -106,10 +106,13 @@ def test_merge_equals_the_unmerged_model(trained, method, tmp_path):
     report = merge_run(run.config(), run.path, out)
     assert report["max_abs_logit_diff"] <= report["tolerance"]
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    unmerged, tok = load_model_for_eval(run.config(), run.path)
+    unmerged, tok = load_model_for_eval(run.config(), run.path, merge=False)
     ids = tok("Question: 7 - 4 = ?\nAnswer:", return_tensors="pt").input_ids
+    in_memory, _ = load_model_for_eval(run.config(), run.path)  # eval.merge_adapter=true: merged on load
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(in_memory(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not any("lora_" in name or "rosa_" in name for name, _ in in_memory.named_parameters())
     assert RunDir(out).kind == "model"  # a plain HF folder (outside the run: not "merged")
 
 

@@ -242,6 +242,12 @@ class EvalConfig:
         "stops rows by incremental token checks; 'hf' = transformers generate (the reference). Beam search "
         "always uses transformers generate.",
     )
+    merge_adapter: bool = opt(
+        True,
+        "Fold a run's adapter (LoRA, DoRA, RoSA) into the weights in memory before evaluating or generating: "
+        "one matmul per layer instead of PEFT's three, the same function up to float rounding (`tunelab merge` "
+        "checks the logits agree). false = PEFT's unmerged layers. Never done on a 4-bit base (it would dequantize).",
+    )
     preset: Optional[str] = opt(
         None, "Task-specific generation preset (e.g. 'original' for the original project's settings)."
     )
@@ -268,7 +274,10 @@ class HarnessConfig:
     max_new_tokens: Optional[int] = opt(
         None, "Token budget of generated answers (null = the task's own max_gen_toks, else the harness's 256)."
     )
-    apply_chat_template: bool = opt(False, "Wrap requests in the tokenizer's chat template (harness option).")
+    apply_chat_template: Optional[bool] = opt(
+        None, "Wrap requests in the tokenizer's chat template (harness option), with task.system_prompt as the system "
+        "turn. null = as the run was trained and is evaluated: on when task.prompt_format=chat, off for plain."
+    )
     log_samples: bool = opt(True, "Write the per-sample log (needed by `tunelab compare`).")
 
 

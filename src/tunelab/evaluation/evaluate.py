@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -32,8 +32,13 @@ from tunelab.tasks import Example, get_task
 from tunelab.utils import atomic_write_json, atomic_write_text, git_info, log, package_versions, peak_memory, reset_peak_memory
 
 
-def load_model_for_eval(cfg: RunConfig, run_dir: str | Path | RunDir | None, device: torch.device | None = None):
-    """(model, tokenizer) for a run directory (its method's artifact applied) or the configured model as it is."""
+def load_model_for_eval(cfg: RunConfig, run_dir: str | Path | RunDir | None, device: torch.device | None = None,
+                        merge: Optional[bool] = None):
+    """(model, tokenizer) for a run directory (its method's artifact applied) or the configured model as it is.
+
+    ``merge`` (default ``eval.merge_adapter``): fold the artifact into the weights (the method's own
+    merge), so generation runs one matmul per adapted layer; never on a 4-bit base.
+    """
     source = materialize(cfg.model.name)
     device = device or resolve_device(cfg.model.device)
     model = load_model(cfg.model, source, device)
@@ -49,6 +54,8 @@ def load_model_for_eval(cfg: RunConfig, run_dir: str | Path | RunDir | None, dev
                     f"train it first, or resume an unfinished run with `tunelab train --resume {run.path}`"
                 )
             model = method.load_for_inference(model, artifact)
+            if (cfg.eval.merge_adapter if merge is None else merge) and not cfg.model.load_in_4bit:
+                model = method.merge(model)
             if run.tokenizer_dir.is_dir():
                 from transformers import AutoTokenizer
 
@@ -144,6 +151,8 @@ def eval_protocol(task, tokenizer, cfg: RunConfig, eval_cfg) -> dict[str, Any]:
         "no_repeat_ngram_size": eval_cfg.no_repeat_ngram_size,
         "stop_rule": stop_rule,
         "decoder": getattr(cfg.eval, "decoder", "hf"),
+        # a run's adapter folded into the weights in memory (same function up to float rounding)
+        "adapter_merged": bool(cfg.eval.merge_adapter and not cfg.model.load_in_4bit),
     }
 
 
@@ -191,6 +200,11 @@ def evaluate_target(target: Target, overwrite: bool = False) -> dict[str, Any]:
     and the BASE marker), so the evaluation is a run like any other; see :func:`claim_base_dir`.
     With ``harness.tasks`` set, only lm-evaluation-harness runs (:mod:`tunelab.evaluation.harness`).
     """
+    harness_tasks = None
+    if target.cfg.harness.tasks:  # a misspelt task or missing data is reported before anything is written
+        from tunelab.evaluation.harness import load_tasks
+
+        harness_tasks = load_tasks(target.cfg)
     if target.kind == "base-model":
         claim_base_dir(Path(target.out), overwrite)
         target.cfg.out = str(target.out)
@@ -204,7 +218,7 @@ def evaluate_target(target: Target, overwrite: bool = False) -> dict[str, Any]:
     if target.cfg.harness.tasks:  # harness only: tunelab's own evaluation is `tunelab eval` without harness=
         from tunelab.evaluation.harness import evaluate_target_with_harness
 
-        return evaluate_target_with_harness(target)
+        return evaluate_target_with_harness(target, harness_tasks)
     if target.run is not None:
         return evaluate(target.cfg, target.run.path, target.run.path)
     return evaluate(target.cfg, None, Path(target.out), method_label=target.label)

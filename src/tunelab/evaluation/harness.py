@@ -3,8 +3,8 @@
 The harness (PyPI ``lm_eval``, the ``tunelab[harness]`` extra) is run through its Python API:
 :func:`lm_eval.simple_evaluate` on an :class:`lm_eval.models.huggingface.HFLM` wrapped around the
 model and tokenizer that :func:`tunelab.evaluation.evaluate.load_model_for_eval` returns, so a run's
-LoRA adapter is applied, RoSA is merged in memory, and a full/GaLore model, a merged folder or the
-base model are evaluated exactly as tunelab's own evaluation sees them. Prompts, few-shot sampling,
+adapter is applied (LoRA/RoSA merged in memory unless ``eval.merge_adapter=false``), and a full/GaLore
+model, a merged folder or the base model are evaluated exactly as tunelab's own evaluation sees them. Prompts, few-shot sampling,
 generation, filters and metrics are all the harness's; tunelab only chooses the task source, runs
 it, and files the results. Nothing here re-implements harness logic (why would it: the point is the
 published protocol).
@@ -41,7 +41,8 @@ SHIPPED_TASKS = {"gsm8k": "gsm8k"}
 INSTALL_HINT = "install the harness extra: pip install 'tunelab[harness]' (make setup does)"
 #: protocol fields two harness evaluations must share to be compared example by example
 PROTOCOL_KEYS = ("harness_version", "harness_task", "task_version", "task_config_sha256", "num_fewshot",
-                 "fewshot_seed", "decoding", "max_new_tokens", "stop", "prompt_format", "chat_template_sha256")
+                 "fewshot_seed", "decoding", "max_new_tokens", "stop", "prompt_format", "chat_template_sha256",
+                 "system_prompt")
 #: task config keys that say where the data comes from (left out of the task hash), or that tunelab records apart
 _DATA_KEYS = ("dataset_path", "dataset_name", "dataset_kwargs")
 
@@ -171,12 +172,20 @@ def task_config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def protocol(name: str, res: dict, lm, tokenizer, h, source: str) -> dict[str, Any]:
+def uses_chat_template(cfg: RunConfig) -> bool:
+    """harness.apply_chat_template, or (null) the run's own prompt format: a chat-trained run is asked in chat."""
+    if cfg.harness.apply_chat_template is not None:
+        return cfg.harness.apply_chat_template
+    return cfg.task.prompt_format == "chat"
+
+
+def protocol(name: str, res: dict, lm, tokenizer, cfg: RunConfig, source: str) -> dict[str, Any]:
     """How the numbers of task ``name`` were obtained (results.json's "protocol" block)."""
+    h, in_chat = cfg.harness, uses_chat_template(cfg)
     config = res["configs"][name]
     gen = config.get("generation_kwargs") or {}
     generates = config.get("output_type") == "generate_until"
-    chat = tokenizer.chat_template if h.apply_chat_template else None
+    chat = tokenizer.chat_template if in_chat else None
     return {
         "evaluator": "lm-evaluation-harness",
         "harness_version": res.get("lm_eval_version") or _version("lm_eval"),
@@ -188,8 +197,9 @@ def protocol(name: str, res: dict, lm, tokenizer, h, source: str) -> dict[str, A
         "output_type": config.get("output_type"),
         "num_fewshot": res.get("n-shot", {}).get(name),
         "fewshot_seed": res.get("config", {}).get("fewshot_seed"),
-        "prompt_format": "chat" if h.apply_chat_template else "plain",
+        "prompt_format": "chat" if in_chat else "plain",
         "chat_template_sha256": hashlib.sha256(chat.encode()).hexdigest() if chat else None,
+        "system_prompt": cfg.task.system_prompt if in_chat else None,
         "doc_to_text": config.get("doc_to_text"),
         "decoding": ("sampling" if gen.get("do_sample") else "greedy") if generates else "loglikelihood",
         "max_new_tokens": int(gen.get("max_gen_toks", lm.max_gen_toks)) if generates else None,
@@ -211,16 +221,17 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def evaluate_target_with_harness(target) -> dict[str, dict]:
+def evaluate_target_with_harness(target, tasks: Optional[tuple[dict, dict]] = None) -> dict[str, dict]:
     """``tunelab eval TARGET harness=...``: the harness on the model the target names (its artifact applied).
 
-    Task names and data are checked before the model is loaded, so a typo costs seconds, not a model load.
+    Task names and data are checked before the model is loaded (``tasks``: what :func:`load_tasks`
+    returned, when the caller checked them earlier), so a typo costs seconds, not a model load.
     """
     from tunelab.evaluation.evaluate import load_model_for_eval
     from tunelab.models import resolve_device
 
     cfg = target.cfg
-    tasks = load_tasks(cfg)  # every bad name / missing data reported now, all at once
+    tasks = tasks or load_tasks(cfg)  # every bad name / missing data reported now, all at once
     run_dir = target.run.path if target.run is not None else None
     model, tokenizer = load_model_for_eval(cfg, run_dir, resolve_device(cfg.model.device))
     if target.kind == "trained":
@@ -250,9 +261,14 @@ def run_harness(cfg: RunConfig, model, tokenizer, out_dir: Path, *, method: str,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=h.batch_size)
     log.info(f"lm-evaluation-harness {_version('lm_eval')}: {', '.join(tasks)} "
              f"(num_fewshot={h.num_fewshot if h.num_fewshot is not None else 'task default'}, limit={h.limit})")
+    chat = uses_chat_template(cfg)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError([f"harness in chat format (task.prompt_format={cfg.task.prompt_format}, harness.apply_chat_template="
+                           f"{h.apply_chat_template}) but the tokenizer of {cfg.model.name} has no chat template: set "
+                           f"task.chat_template=FILE, or harness.apply_chat_template=false"])
     res = lm_eval.simple_evaluate(
         model=lm, tasks=list(tasks.values()), num_fewshot=h.num_fewshot, limit=h.limit, log_samples=h.log_samples,
-        apply_chat_template=h.apply_chat_template, fewshot_as_multiturn=h.apply_chat_template,
+        apply_chat_template=chat, fewshot_as_multiturn=chat, system_instruction=cfg.task.system_prompt if chat else None,
         gen_kwargs={"max_gen_toks": h.max_new_tokens} if h.max_new_tokens else None, task_manager=task_manager(),
     )
     wall = time.time() - t0
@@ -262,7 +278,7 @@ def run_harness(cfg: RunConfig, model, tokenizer, out_dir: Path, *, method: str,
             continue
         info = {"method": method, "model": base_model, "model_name": cfg.model.name,
                 "run_dir": str(run_dir) if run_dir else None, "wall_time_s": wall}
-        out[name] = write_task_results(RunDir(out_dir), name, res, protocol(name, res, lm, tokenizer, h, sources[name]), info)
+        out[name] = write_task_results(RunDir(out_dir), name, res, protocol(name, res, lm, tokenizer, cfg, sources[name]), info)
     return out
 
 
