@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from tunelab.config import EvalConfig
-from tunelab.evaluation.decode import ContinuousDecoder, IncrementalText, SlotCache, unsupported_reason
+from tunelab.evaluation.decode import ContinuousDecoder, IncrementalText, unsupported_reason
+from tunelab.evaluation.lookup import NgramDrafter
+from tunelab.evaluation.slot_cache import SlotCache
 from tunelab.evaluation.engine import generate
 
 MAX_NEW = 24
@@ -81,6 +83,57 @@ def test_greedy_tokens_equal_generate(model_and_tok, slots):
     for p, g in zip(prompts, got):
         _assert_same_or_near_tie(model, p, g, _hf_one(model, tok, p))
         assert len(g) == MAX_NEW or g[-1] == tok.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def varied_model(varied_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("drafts", ["lookup", "wrong"])
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_prompt_lookup_keeps_the_greedy_tokens(model_and_tok, varied_model, slots, drafts, monkeypatch):
+    """Drafts checked in one forward give the tokens of one-token-at-a-time greedy decoding (checking
+    k drafts at once changes the matmul shapes, hence the near-tie rule).
+
+    "lookup": the tiny model loops, so prompt lookup's drafts are accepted and a run needs fewer
+    forwards than tokens. "wrong": the varied model with drafts that are (almost) never right, so a
+    step keeps one token and leaves holes; with the cache's slack cut from 64 columns to 4 they are
+    squeezed out (SlotCache.compact) again and again, and the tokens are still greedy's.
+    """
+    model, tok = model_and_tok
+    if drafts == "wrong":
+        model = varied_model
+        monkeypatch.setattr(NgramDrafter, "draft", lambda self, k: [self.ids[-1]] * k)
+    prompts = _prompts(tok)
+    compactions = []
+    compact, init = SlotCache.compact, SlotCache.__init__
+    monkeypatch.setattr(SlotCache, "compact", lambda self: compactions.append(self.length) or compact(self))
+    monkeypatch.setattr(SlotCache, "__init__", lambda self, slots, capacity: init(self, slots, capacity - 60))
+    dec = ContinuousDecoder(model, tok, slots, MAX_NEW, [tok.eos_token_id], lookup_tokens=4, draft_budget=10_000)
+    got = dec.run(prompts)
+    for p, g in zip(prompts, got):
+        _assert_same_or_near_tie(model, p, g, _hf_one(model, tok, p))
+    if drafts == "lookup":
+        assert dec.stats["accepted"] > 0
+        assert dec.stats["steps"] < sum(len(g) for g in got) / min(slots, len(prompts))
+    else:
+        assert dec.stats["drafted"] > 4 * dec.stats["accepted"] and len(compactions) > 1
+
+
+def test_ngram_drafter_copies_what_followed_the_latest_match():
+    d = NgramDrafter([5, 6, 7, 8, 5, 6, 9])
+    assert d.draft(3) == []  # 9 never occurred before
+    d.push(5)
+    assert d.draft(3) == [6, 9, 5]  # latest earlier 5 (index 4), 1-gram
+    d.push(6)
+    assert d.draft(2) == [9, 5]  # "5 6" last seen at 4-5, followed by 9
+    d.push(7)
+    assert d.draft(4) == [8, 5, 6, 9]  # "5 6 7" only at 0-2 (the longest match wins over "6 7", "7")
+    assert d.draft(0) == []
+    assert NgramDrafter([1, 2, 1, 2]).draft(5) == [1, 2, 1, 2, 1]  # a loop continues periodically
 
 
 def test_eos_ends_a_row_and_is_kept(model_and_tok):
@@ -244,20 +297,74 @@ def test_slot_cache_makes_room_for_a_longer_prompt_and_compacts():
 
     kv = SlotCache(slots=3, capacity=8)
     c, m = prefilled([3], 3)
-    kv.insert(c, m, 0)
+    kv.insert(c, m)
     assert kv.length == 3 and kv.mask[0, :3].tolist() == [1, 1, 1]
     c, m = prefilled([5, 2], 5)
-    kv.insert(c, m, 3)  # wider than the cache: row 0 moves right by 2
+    kv.insert(c, m)  # wider than the cache: row 0 moves right by 2
     assert kv.length == 5
     assert kv.mask[:3, :5].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
     assert kv.layers[0].keys_buf[0, 0, 2:5, 0].tolist() == [1.0, 2.0, 3.0]
     kv.keep([2])  # only the 2-token row is left; 3 columns of shared padding
     for _ in range(3):
-        mask = kv.open_column(2 + _)
+        mask = kv.open_columns(1)
         for layer in kv.layers:
             layer.length += 1
         kv.advance()
     assert kv.length == 8
-    mask = kv.open_column(5)  # full: compacts to the live row's 5 columns, then opens one
+    mask = kv.open_columns(1)  # full: compacts to the live row's 5 columns, then opens one
     assert kv.length == 5 and mask.tolist() == [[1, 1, 1, 1, 1, 1]]
     assert kv.layers[0].keys_buf[0, 0, 0:2, 0].tolist() == [9.0, 10.0]
+
+
+def test_slot_cache_squeezes_out_rejected_columns_when_full():
+    """Two rows write 3 columns per step and keep 1 and 2 of them: once the buffers are full the holes
+    go, each row's kept columns in order, right-aligned, and the next step has room."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    k = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 1, 2, 1)
+    cache.update(k, -k, 0)
+    kv = SlotCache(slots=2, capacity=9)
+    kv.insert(cache, torch.ones(2, 2, dtype=torch.long))
+    value = 10.0
+    for _ in range(2):  # each step: 3 columns; row 0 keeps 1, row 1 keeps 2
+        kv.open_columns(3)
+        for layer in kv.layers:
+            width = torch.arange(value, value + 6).reshape(2, 1, 3, 1)
+            layer.update(width, -width)
+        kv.reject(0, 1, 3)
+        kv.reject(1, 2, 3)
+        kv.advance(3)
+        value += 6
+    assert kv.length == 8 and kv.mask[:2].tolist() == [[1, 1, 1, 0, 0, 1, 0, 0, 0], [1, 1, 1, 1, 0, 1, 1, 0, 0]]
+    mask = kv.open_columns(3)  # no shared left padding to drop: the holes go
+    assert kv.length == 6 and mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1]]
+    keys = kv.layers[0].keys_buf
+    assert keys[0, 0, 2:6, 0].tolist() == [1.0, 2.0, 10.0, 16.0]
+    assert keys[1, 0, :6, 0].tolist() == [3.0, 4.0, 13.0, 14.0, 19.0, 20.0]
+    assert torch.equal(kv.layers[0].values_buf[:, :, :6], -keys[:, :, :6])
+
+
+def test_packed_linears_match_nn_linear_and_are_restored(model_and_tok):
+    """oneDNN on packed weights: the model's logits to float rounding, the modules as they were after
+    the block (also after an error), and bf16 autocast inside the block takes the usual path."""
+    from tunelab.evaluation.cpu_kernels import available, packed_linears
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN packed linear ops")
+    model, tok = model_and_tok
+    ids = torch.tensor([tok("Question: 2 + 3 = ?\nAnswer:")["input_ids"]])
+    with torch.inference_mode():
+        ref = model(ids).logits
+        with packed_linears(model) as n:
+            assert n == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+            got = model(ids).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert model(ids).logits.dtype == torch.bfloat16
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="inside"):
+            with packed_linears(model):
+                raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in model.modules())
+    with packed_linears(model, enabled=False) as n:
+        assert n == 0

@@ -242,6 +242,18 @@ class EvalConfig:
         "stops rows by incremental token checks; 'hf' = transformers generate (the reference). Beam search "
         "always uses transformers generate.",
     )
+    lookup_tokens: int = opt(
+        4,
+        "Prompt lookup in the continuous decoder (greedy only): feed each row up to this many draft tokens copied "
+        "from its own prompt and completion, and keep those the model's argmax agrees with. The same greedy "
+        "completions (up to float rounding) in fewer forwards when few rows are left; 0 = off.",
+    )
+    onednn_linear: bool = opt(
+        True,
+        "On a CPU with fp32 weights, the continuous decoder runs the linear layers through oneDNN on weights packed "
+        "once per call (2-3x MKL's speed on decoding's few rows; a packed copy of the weights lives for the call). "
+        "Float rounding differs from the default kernels by ~1e-6 relative. false = torch's default kernels.",
+    )
     merge_adapter: bool = opt(
         True,
         "Fold a run's adapter (LoRA, DoRA, RoSA) into the weights in memory before evaluating or generating: "

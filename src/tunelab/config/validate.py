@@ -49,6 +49,8 @@ def validate(cfg: RunConfig, check_env: bool = True) -> list[str]:
         p.append(f"eval.limit must be a positive number of examples or null, got {e.limit}")
     if e.batch_size < 1 or e.max_new_tokens < 1 or e.num_beams < 1:
         p.append("eval.batch_size, eval.max_new_tokens and eval.num_beams must be >= 1")
+    if e.lookup_tokens < 0:
+        p.append(f"eval.lookup_tokens must be >= 0 (0 = no prompt lookup), got {e.lookup_tokens}")
     p.extend(quantization_problems(cfg, check_env))
     if t.parallelism in ("fsdp", "deepspeed"):
         reason = METHODS.get(cfg.method.name).fsdp_unsupported_reason

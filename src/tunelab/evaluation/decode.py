@@ -5,13 +5,12 @@ The default decoder of ``tunelab eval`` and ``tunelab generate`` (``eval.decoder
 ``no_repeat_ngram_size``, streaming and models this loop does not cover always use it
 (:func:`unsupported_reason` says why).
 
-* :class:`SlotCache`: the keys/values of up to ``slots`` rows in buffers allocated once
-  (``[slots, kv_heads, capacity, head_dim]`` per layer). Rows are left-padded and right-aligned,
-  so every row writes its next token at the same column and one 2D attention mask plus per-row
-  ``position_ids`` (as ``generate`` computes them for left padding) describe the batch. A finished
-  row is evicted by moving the live rows up; a new prompt group is prefilled on its own and its
-  keys/values are copied into the free rows. Unlike ``DynamicCache`` (used by ``generate``),
-  nothing is concatenated per step.
+* :class:`~tunelab.evaluation.slot_cache.SlotCache`: the keys/values of up to ``slots`` rows in
+  buffers allocated once, rows right-aligned so that one 2D mask and per-row position ids describe
+  the batch; a finished row is evicted, a new prompt group is prefilled on its own and copied in.
+* Prompt lookup (:mod:`~tunelab.evaluation.lookup`, greedy only, ``eval.lookup_tokens``): a row is
+  fed its last token plus draft tokens copied from its own text, and keeps the drafts the model's
+  argmax agrees with, so a step can add several tokens to a row for about the price of one.
 * :class:`IncrementalText`: a row's text grows by the new token's piece, decoded with the few
   tokens before it as context (the detokenizer of vLLM/TGI), so a token that merges with the
   previous one or completes a multi-byte character is right. The task's stop rule sees exactly
@@ -34,7 +33,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
+
+from tunelab.evaluation.lookup import NgramDrafter
+from tunelab.evaluation.slot_cache import SlotCache
 
 #: generation_config fields whose (non-default) value adds a logits processor this loop lacks
 _PROCESSOR_FIELDS = {
@@ -101,117 +103,6 @@ class IncrementalText:
 
 
 # --------------------------------------------------------------------------------------------
-# The slot cache
-# --------------------------------------------------------------------------------------------
-
-
-class _SlotLayer(DynamicLayer):
-    """One layer's keys/values in preallocated buffers; ``length`` columns are in use."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.keys_buf, self.values_buf = keys, values
-        self.keys, self.values = keys, values
-        self.length = 0
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        rows, width = key_states.shape[0], key_states.shape[-2]
-        end = self.length + width
-        self.keys_buf[:rows, :, self.length:end] = key_states
-        self.values_buf[:rows, :, self.length:end] = value_states
-        self.length = end
-        return self.keys_buf[:rows, :, :end], self.values_buf[:rows, :, :end]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-
-class SlotCache:
-    """Keys/values and attention mask of the live rows (rows ``0..rows-1``, right-aligned at ``length``).
-
-    The buffers are allocated at the first :meth:`insert`, shaped (and typed) like the model's own
-    keys/values there: nothing here needs to know the architecture beyond "full attention layers".
-    """
-
-    def __init__(self, slots: int, capacity: int):
-        self.slots, self.capacity, self.rows, self.length = slots, capacity, 0, 0
-        self.layers: list[_SlotLayer] = []
-        self.cache: Cache | None = None
-        self.mask: torch.Tensor | None = None
-
-    def _allocate(self, prefilled: DynamicCache) -> None:
-        for new in prefilled.layers:
-            shape = (self.slots, new.keys.shape[1], self.capacity, new.keys.shape[3])
-            # zeros, not empty: masked columns still enter q·k, and garbage could be inf/NaN
-            self.layers.append(_SlotLayer(new.keys.new_zeros(shape), new.values.new_zeros(shape)))
-        self.cache = Cache(layers=self.layers)
-        self.mask = torch.zeros(self.slots, self.capacity, dtype=torch.long, device=prefilled.layers[0].keys.device)
-
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        for layer in self.layers:
-            layer.length = length
-
-    def _shift(self, by: int, used: int) -> None:
-        """Move the used columns of the live rows by ``by`` (right > 0, left < 0)."""
-        n, start = self.rows, self.length - used
-        src = slice(start, self.length)
-        dst = slice(start + by, self.length + by)
-        for layer in self.layers:
-            for buf in (layer.keys_buf, layer.values_buf):
-                buf[:n, :, dst] = buf[:n, :, src].clone()
-        self.mask[:n, dst] = self.mask[:n, src].clone()
-        if by > 0:
-            self.mask[:n, start:start + by] = 0
-        self._set_length(self.length + by)
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these live rows (in this order), moved to the top of the buffers."""
-        if rows == list(range(self.rows)):
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        t = self.length
-        for layer in self.layers:
-            for buf in (layer.keys_buf, layer.values_buf):
-                buf[:len(rows), :, :t] = buf[index, :, :t]
-        self.mask[:len(rows), :t] = self.mask[index, :t]
-        self.rows = len(rows)
-
-    def insert(self, prefilled: DynamicCache, mask: torch.Tensor, longest_row: int) -> None:
-        """Append prefilled rows (their cache and 2D mask, ``width`` columns) below the live rows."""
-        if self.cache is None:
-            self._allocate(prefilled)
-        k, width = mask.shape
-        if self.rows == 0:
-            self._set_length(width)
-        elif width > self.length:  # the new prompts are longer than anything cached: make room on the left
-            self._shift(width - self.length, longest_row)
-        if self.length > self.capacity:
-            raise RuntimeError("slot cache overflow")  # capacity >= longest prompt + max_new_tokens + 1
-        rows, cols = slice(self.rows, self.rows + k), slice(self.length - width, self.length)
-        for layer, new in zip(self.layers, prefilled.layers):
-            layer.keys_buf[rows, :, cols] = new.keys
-            layer.values_buf[rows, :, cols] = new.values
-        self.mask[rows] = 0
-        self.mask[rows, cols] = mask
-        self.rows += k
-
-    def open_column(self, longest_row: int) -> torch.Tensor:
-        """Make room for one more token per row; the attention mask of the next decode step."""
-        if self.length + 1 > self.capacity:  # drop the columns every live row has as left padding
-            self._shift(-(self.length - longest_row), longest_row)
-        self.mask[:self.rows, self.length] = 1
-        return self.mask[:self.rows, :self.length + 1]
-
-    def advance(self) -> None:
-        """After a decode step: every layer wrote one column."""
-        self.length += 1
-        if any(layer.length != self.length for layer in self.layers):
-            raise RuntimeError("slot cache out of step: a layer did not write its keys/values")
-
-
-# --------------------------------------------------------------------------------------------
 # The decoding loop
 # --------------------------------------------------------------------------------------------
 
@@ -223,6 +114,7 @@ class _Row:
     text: Optional[IncrementalText]
     tokens: list[int] = field(default_factory=list)
     done: bool = False
+    drafter: Optional[NgramDrafter] = None  # prompt lookup (greedy with eval.lookup_tokens > 0)
 
 
 def _sampler(model, sampling: dict | None) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -260,22 +152,29 @@ class ContinuousDecoder:
     """Greedy (or sampled) decoding of many prompts over ``slots`` rows that are refilled as rows finish."""
 
     def __init__(self, model, tokenizer, slots: int, max_new_tokens: int, eos_ids: Sequence[int],
-                 stop_check: Callable[[str], bool] | None = None, sampling: dict | None = None):
+                 stop_check: Callable[[str], bool] | None = None, sampling: dict | None = None,
+                 lookup_tokens: int = 0, draft_budget: int = 64):
         self.model, self.tokenizer, self.slots = model, tokenizer, max(1, slots)
         self.max_new_tokens, self.eos_ids = max_new_tokens, set(eos_ids)
         self.stop_check, self.pick_sampled = stop_check, _sampler(model, sampling)
+        # prompt lookup keeps exactly the greedy tokens; a sampled token cannot be checked that way
+        self.lookup_tokens = lookup_tokens if self.pick_sampled is None else 0
+        self.draft_budget = draft_budget  # tokens per forward up to which drafting is nearly free
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
-        #: where the time went (for bench/bench_eval.py): model seconds, decode steps, row-steps, prefills
-        self.stats = {"model_s": 0.0, "steps": 0, "row_steps": 0, "prefills": 0, "prefill_tokens": 0}
+        #: where the time went (for bench/bench_eval.py): model seconds, decode steps, row-steps, prefills,
+        #: draft tokens fed and accepted
+        self.stats = {"model_s": 0.0, "steps": 0, "row_steps": 0, "prefills": 0, "prefill_tokens": 0,
+                      "drafted": 0, "accepted": 0}
 
-    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, input_ids, mask, positions, cache, keep: int = 1) -> torch.Tensor:
+        """Logits of the last ``keep`` positions ([rows, vocab] for 1, else [rows, keep, vocab]), fp32."""
         t0 = time.perf_counter()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()
+                         use_cache=True, logits_to_keep=keep)
+        logits = out.logits[:, -1, :] if keep == 1 else out.logits[:, -keep:, :]
         self.stats["model_s"] += time.perf_counter() - t0
-        return logits
+        return logits.float()
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
         ids = logits.argmax(dim=-1) if self.pick_sampled is None else self.pick_sampled(logits)
@@ -284,6 +183,8 @@ class ContinuousDecoder:
     def _record(self, row: _Row, token: int) -> None:
         """Append a generated token; the row is done at EOS, at the token budget or by the stop rule."""
         row.tokens.append(token)
+        if row.drafter is not None:
+            row.drafter.push(token)
         if token in self.eos_ids or len(row.tokens) >= self.max_new_tokens:
             row.done = True
         elif row.text is not None:
@@ -344,16 +245,54 @@ class ContinuousDecoder:
 
     def _admit(self, group: list[int], prompt_ids, rows: list[_Row], kv: SlotCache) -> list[_Row]:
         cache, mask, logits = self._prefill([prompt_ids[i] for i in group])
-        kv.insert(cache, mask, max((r.length for r in rows), default=0))
-        new = [_Row(i, len(prompt_ids[i]), IncrementalText(self.tokenizer) if self.stop_check else None)
+        kv.insert(cache, mask)
+        new = [_Row(i, len(prompt_ids[i]), IncrementalText(self.tokenizer) if self.stop_check else None,
+                    drafter=NgramDrafter(prompt_ids[i]) if self.lookup_tokens else None)
                for i in group]
         for row, token in zip(new, self._pick(logits)):
             self._record(row, token)
         return new
 
+    def _drafts(self, rows: list[_Row]) -> list[list[int]]:
+        """Draft tokens per row (prompt lookup), while the step's tokens stay within the draft budget."""
+        if not self.lookup_tokens or len(rows) * (1 + self.lookup_tokens) > self.draft_budget:
+            return [[] for _ in rows]
+        # a row's drafts never take it past its token budget (the model's own token comes after them)
+        return [r.drafter.draft(min(self.lookup_tokens, self.max_new_tokens - len(r.tokens) - 1)) for r in rows]
+
     def _step(self, rows: list[_Row], kv: SlotCache) -> None:
+        """Feed every live row its last token (and its drafts); record the tokens greedy decoding gives."""
+        drafts = self._drafts(rows)
+        width = 1 + max(len(d) for d in drafts)
+        if width == 1:
+            return self._step_one(rows, kv)
+        mask = kv.open_columns(width)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, (row, d) in enumerate(zip(rows, drafts)):
+            ids[i, :1 + len(d)] = torch.tensor([row.tokens[-1], *d], dtype=torch.long)
+            kv.reject(i, 1 + len(d), width)  # filler columns: no token of this row
+        positions = torch.tensor([r.length for r in rows], dtype=torch.long)[:, None] + torch.arange(width)
+        logits = self._forward(ids.to(self.device), mask, positions.to(self.device), kv.cache, keep=width)
+        best = logits.argmax(dim=-1).tolist()
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += len(rows)
+        for i, (row, d, picks) in enumerate(zip(rows, drafts, best)):
+            accepted = 0
+            while accepted < len(d) and picks[accepted] == d[accepted]:
+                accepted += 1
+            kv.reject(i, 1 + accepted, 1 + len(d))  # the drafts after the first disagreement
+            self.stats["drafted"] += len(d)
+            self.stats["accepted"] += accepted
+            row.length += 1 + accepted
+            for token in [*d[:accepted], picks[accepted]]:
+                self._record(row, token)
+                if row.done:
+                    break
+        kv.advance(width)
+
+    def _step_one(self, rows: list[_Row], kv: SlotCache) -> None:
         """Feed every live row its last token; record the next one."""
-        mask = kv.open_column(max(r.length for r in rows))
+        mask = kv.open_columns(1)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=self.device)
         logits = self._forward(ids, mask, positions, kv.cache)

@@ -94,15 +94,17 @@ def generate(model, tokenizer, prompts: list[str], eval_cfg: EvalConfig, stop_ch
 
 def _generate_continuous(model, tokenizer, enc: list[list[int]], eval_cfg: EvalConfig, stop_check, sampling,
                          finished) -> tuple[list[str], int]:
+    from tunelab.evaluation.cpu_kernels import packed_linears
     from tunelab.evaluation.decode import ContinuousDecoder
 
     decoder = ContinuousDecoder(model, tokenizer, eval_cfg.batch_size, eval_cfg.max_new_tokens,
-                                [tokenizer.eos_token_id], stop_check, sampling)
+                                [tokenizer.eos_token_id], stop_check, sampling, lookup_tokens=eval_cfg.lookup_tokens)
 
     def on_finish(indices: list[int], tokens: list[list[int]]) -> None:
         finished(indices, [tokenizer.decode(t, skip_special_tokens=True) for t in tokens])
 
-    generated = decoder.run(enc, on_finish)
+    with packed_linears(model, enabled=eval_cfg.onednn_linear):
+        generated = decoder.run(enc, on_finish)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in generated]
     return texts, sum(len(t) for t in generated)
 

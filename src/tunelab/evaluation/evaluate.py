@@ -151,6 +151,8 @@ def eval_protocol(task, tokenizer, cfg: RunConfig, eval_cfg) -> dict[str, Any]:
         "no_repeat_ngram_size": eval_cfg.no_repeat_ngram_size,
         "stop_rule": stop_rule,
         "decoder": getattr(cfg.eval, "decoder", "hf"),
+        "lookup_tokens": cfg.eval.lookup_tokens if cfg.eval.decoder == "continuous" and eval_cfg.num_beams == 1 else 0,
+        "onednn_linear": bool(cfg.eval.onednn_linear and cfg.eval.decoder == "continuous" and eval_cfg.num_beams == 1),
         # a run's adapter folded into the weights in memory (same function up to float rounding)
         "adapter_merged": bool(cfg.eval.merge_adapter and not cfg.model.load_in_4bit),
     }
