@@ -4,7 +4,10 @@ Where batch shape changes float rounding: the reference is ``generate`` run per 
 no padding). The continuous decoder runs rows in batches of changing composition with left
 padding, so (a) a row's attention sums over more (masked) columns, which adds exact zeros but can
 change the blocking of the reduction, and (b) the matmuls' row count changes with the batch,
-which lets the BLAS pick another kernel. Both move logits by ~1e-7 in fp32; a greedy choice
+which lets the BLAS pick another kernel; (c) prompt lookup checks several tokens of a row in one
+forward (another matmul shape again); (d) through ``engine.generate`` on a CPU the linear layers run
+on oneDNN with packed weights instead of MKL (same products, summed in another order). All move
+logits by ~1e-7 in fp32 (oneDNN ~1e-6 relative); a greedy choice
 can flip only where the two best logits are that close. So a divergence is accepted only at a
 near tie (``_assert_same_or_near_tie``), checked on batch-1 logits of the shared prefix; on the
 tiny fp32 model of these tests none occurs (every comparison is exact today).
