@@ -202,6 +202,7 @@ def protocol(name: str, res: dict, lm, tokenizer, cfg: RunConfig, source: str) -
         "system_prompt": cfg.task.system_prompt if in_chat else None,
         "doc_to_text": config.get("doc_to_text"),
         "decoding": ("sampling" if gen.get("do_sample") else "greedy") if generates else "loglikelihood",
+        "onednn_linear": bool(cfg.eval.onednn_linear),  # CPU fp32 linears on oneDNN, as tunelab's decoder
         "max_new_tokens": int(gen.get("max_gen_toks", lm.max_gen_toks)) if generates else None,
         # the harness cuts a completion at the first stop string; HFLM also stops at the EOS token
         "stop": {"until": list(gen.get("until") or []), "eos_token": tokenizer.eos_token} if generates else None,
@@ -266,11 +267,15 @@ def run_harness(cfg: RunConfig, model, tokenizer, out_dir: Path, *, method: str,
         raise ConfigError([f"harness in chat format (task.prompt_format={cfg.task.prompt_format}, harness.apply_chat_template="
                            f"{h.apply_chat_template}) but the tokenizer of {cfg.model.name} has no chat template: set "
                            f"task.chat_template=FILE, or harness.apply_chat_template=false"])
-    res = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks.values()), num_fewshot=h.num_fewshot, limit=h.limit, log_samples=h.log_samples,
-        apply_chat_template=chat, fewshot_as_multiturn=chat, system_instruction=cfg.task.system_prompt if chat else None,
-        gen_kwargs={"max_gen_toks": h.max_new_tokens} if h.max_new_tokens else None, task_manager=task_manager(),
-    )
+    from tunelab.evaluation.cpu_kernels import packed_linears
+
+    # the same linear kernels as tunelab's own decoder (eval.onednn_linear), so both see the same logits
+    with packed_linears(model, enabled=cfg.eval.onednn_linear):
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks.values()), num_fewshot=h.num_fewshot, limit=h.limit, log_samples=h.log_samples,
+            apply_chat_template=chat, fewshot_as_multiturn=chat, system_instruction=cfg.task.system_prompt if chat else None,
+            gen_kwargs={"max_gen_toks": h.max_new_tokens} if h.max_new_tokens else None, task_manager=task_manager(),
+        )
     wall = time.time() - t0
     out: dict[str, dict] = {}
     for name in tasks:
