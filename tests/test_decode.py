@@ -359,8 +359,9 @@ def test_packed_linears_match_nn_linear_and_are_restored(model_and_tok):
     ids = torch.tensor([tok("Question: 2 + 3 = ?\nAnswer:")["input_ids"]])
     with torch.inference_mode():
         ref = model(ids).logits
+        n_layers = sum(type(m) is torch.nn.Linear for m in model.modules())
         with packed_linears(model) as n:
-            assert n == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+            assert n == n_layers > 0
             got = model(ids).logits
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert model(ids).logits.dtype == torch.bfloat16
@@ -371,3 +372,12 @@ def test_packed_linears_match_nn_linear_and_are_restored(model_and_tok):
     assert not any("forward" in vars(m) for m in model.modules())
     with packed_linears(model, enabled=False) as n:
         assert n == 0
+    head = model.lm_head
+    hook = head.forward  # a bound method set on the instance, as accelerate's hooks do
+    head.forward = hook
+    try:
+        with packed_linears(model) as n_hooked:
+            assert n_hooked == n_layers - 1 and head.forward is hook
+        assert head.forward is hook  # not removed on the way out
+    finally:
+        del head.forward

@@ -38,9 +38,10 @@ def available() -> bool:
 
 def _packable(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
-    # type(w.data) is a DTensor for FSDP-sharded weights: a shard must not be packed as the whole
+    # type(w.data) is a DTensor for FSDP-sharded weights: a shard must not be packed as the whole;
+    # a forward already set on the instance is someone's hook (accelerate's offloading): left alone
     return (type(module) is nn.Linear and w is not None and type(w.data) is torch.Tensor
-            and w.device.type == "cpu" and w.dtype == torch.float32)
+            and w.device.type == "cpu" and w.dtype == torch.float32 and "forward" not in vars(module))
 
 
 @contextlib.contextmanager
