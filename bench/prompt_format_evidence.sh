@@ -7,9 +7,7 @@
 # Usage: bash bench/prompt_format_evidence.sh [OUT]   (default OUT=runs/prompt-format)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${TUNELAB_DATA_DIR:-}" ] && [ -d ../shared/data ]; then export TUNELAB_DATA_DIR=$(cd ../shared/data && pwd); fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-PY=${PY:-.venv/bin/python}
+. scripts/env.sh  # TUNELAB_DATA_DIR, offline Hub, PY
 CFG=configs/gsm8k_lora_cpu_demo.yaml
 OUT=${1:-runs/prompt-format}
 for fmt in plain chat; do

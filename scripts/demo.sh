@@ -2,10 +2,7 @@
 # make demo: base vs LoRA-tuned SmolLM2-135M on a fixed GSM8K subset, on CPU, and what moved.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the shared data folder beside the checkout, unless the caller points elsewhere
-if [ -z "${TUNELAB_DATA_DIR:-}" ] && [ -d ../shared/data ]; then export TUNELAB_DATA_DIR=$(cd ../shared/data && pwd); fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-PY=${PY:-.venv/bin/python}
+. scripts/env.sh  # TUNELAB_DATA_DIR, offline Hub, PY
 CFG=configs/gsm8k_lora_cpu_demo.yaml
 OUT=${OUT:-demo}
 # A rerun replaces the previous demo's output, and only that: a folder the demo did not make is left alone.

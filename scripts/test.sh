@@ -3,10 +3,7 @@
 # the slurm-local tool is beside the checkout (../shared/tools/slurm-local) and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the shared data folder beside the checkout, unless the caller points elsewhere
-if [ -z "${TUNELAB_DATA_DIR:-}" ] && [ -d ../shared/data ]; then export TUNELAB_DATA_DIR=$(cd ../shared/data && pwd); fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-PY=${PY:-.venv/bin/python}
+. scripts/env.sh  # TUNELAB_DATA_DIR, offline Hub, PY
 SLURM_TOOL=../shared/tools/slurm-local
 if [ -f "$SLURM_TOOL/start.sh" ] && [ "$(id -u)" = 0 ] && [ -z "${TUNELAB_NO_SLURM:-}" ]; then
   # two slurmd "nodes" so the multi-node (srun torchrun --nnodes 2) test runs too
