@@ -1,9 +1,10 @@
 """Training throughput and memory: tunelab vs its peers, side by side in one run.
 
-On the same GSM8K examples, the default model (SmolLM2-135M), LoRA r 8, alpha 16, dropout 0.05,
-all-linear, batch size B, S optimizer steps, one process per variant (so peak RSS is per variant):
+On the same training examples (GSM8K, or news summarization with ``--task news_summary``), the
+default model (SmolLM2-135M), LoRA r 8, alpha 16, dropout 0.05, all-linear, batch size B, S optimizer
+steps, one process per variant (so peak RSS is per variant):
 
-  padded720  original recipe: HF Trainer + PEFT, every example padded to 720 tokens
+  padded720  original recipe: HF Trainer + PEFT, every example padded to the task's max_length
   dynamic    HF Trainer + PEFT with dynamic padding (pad to the batch's longest, random order)
   grouped    HF Trainer + PEFT with length grouping (train_sampling_strategy="group_by_length"),
              the like-for-like peer of tunelab's batching
@@ -13,6 +14,8 @@ all-linear, batch size B, S optimizer steps, one process per variant (so peak RS
   packed     tunelab train data.packing=true: 1 packed row per step of max(longest example,
              B x mean length rounded up to 64) tokens, so a step holds about B examples' tokens
              (and never more than the B longest examples padded, the unpacked peak)
+  tunelab-mkl, packed-mkl   the same with train.onednn_linear=false: torch's own CPU matmul (MKL),
+             to show what the oneDNN kernels add
 
 ``flatten`` and ``trl`` are timed for reference only: on CPU (sdpa/eager) their padding-free
 batches let packed examples attend to each other (transformers 5.24), so they train on wrong
@@ -22,6 +25,7 @@ Throughput is *real* (non-padding) training tokens per second of the training lo
 (the first step included, for every variant alike). On a shared CPU the numbers are noisy: run the
 variants alternately (``--repeat``) and compare medians. Usage:
     python bench/bench_train.py [--batch-size 4] [--steps 3] [--variants grouped,tunelab,packed] [--repeat 2]
+                                [--task news_summary]
 """
 
 from __future__ import annotations
@@ -41,15 +45,20 @@ os.environ.setdefault("TUNELAB_DATA_DIR", str(HERE.parent.parent / "shared" / "d
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: the tasks benched, with the data.max_length each trains at (the shipped configs' values)
+TASKS = {"gsm8k": 720, "news_summary": 1024}
+TASK = "gsm8k"  # set from --task (every variant process gets it)
+
+
 def _examples(n: int, seed: int):
     from tunelab.config import load_config
     from tunelab.data import build_train_dataset
     from tunelab.models import load_tokenizer, materialize
     from tunelab.tasks import get_task
 
-    cfg = load_config(overrides=[f"data.limit={n}", "data.max_length=720", f"seed={seed}"])
+    cfg = load_config(overrides=[f"task={TASK}", f"data.limit={n}", f"data.max_length={TASKS[TASK]}", f"seed={seed}"])
     tok = load_tokenizer(cfg.model, materialize(cfg.model.name))
-    data, _ = build_train_dataset(get_task("gsm8k")(cfg.task), tok, cfg.data, seed)
+    data, _ = build_train_dataset(get_task(TASK)(cfg.task), tok, cfg.data, seed)
     return cfg, tok, data
 
 
@@ -58,7 +67,7 @@ def _hf_rows(tok, data, variant: str) -> list[dict]:
     for t in data:
         ids, labels = list(t.input_ids), list(t.labels)
         if variant == "padded720":  # the original: tokenizer(..., padding="max_length", max_length=720)
-            pad = 720 - len(ids)
+            pad = TASKS[TASK] - len(ids)
             rows.append({"input_ids": ids + [tok.pad_token_id] * pad, "attention_mask": [1] * len(ids) + [0] * pad,
                          "labels": labels + [-100] * pad})
         elif variant == "trl":  # TRL's pre-tokenized format: the loss on the completion only
@@ -127,22 +136,23 @@ def pack_length(data, batch_size: int) -> int:
     return max(max(len(t) for t in data), 64 * math.ceil(batch_size * mean / 64))
 
 
-def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False) -> dict:
+def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False, onednn: bool = True) -> dict:
     import tempfile
 
     from tunelab.config import load_config
     from tunelab.train.trainer import Trainer
 
     out = Path(tempfile.mkdtemp(prefix="bench-tunelab-")) / "run"
-    shape = [f"train.batch_size={batch_size}", f"train.max_steps={steps}", "data.max_length=720"]
+    shape = [f"train.batch_size={batch_size}", f"train.max_steps={steps}", f"data.max_length={TASKS[TASK]}"]
     if packed:  # the same examples, one packed row per step, until they are used up
         _, _, data = _examples(batch_size * steps, seed)
         shape = ["train.batch_size=1", "train.max_steps=-1", "train.epochs=1", "data.packing=true",
                  f"data.max_length={pack_length(data, batch_size)}"]
     cfg = load_config(overrides=[
-        "task=gsm8k", "method=lora", "method.rank=8", "method.alpha=16", "method.dropout=0.05",
+        f"task={TASK}", "method=lora", "method.rank=8", "method.alpha=16", "method.dropout=0.05",
         "method.target_modules=all-linear", f"data.limit={batch_size * steps}", *shape, "train.lr=7e-4",
         "train.report_to=[]", "train.progress_bar=false", f"seed={seed}", f"out={out}",
+        f"train.onednn_linear={str(onednn).lower()}",
     ])
     trainer = Trainer(cfg)
     trainer.setup()
@@ -158,23 +168,25 @@ def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False) ->
 
     trainer.train_step = timed_step
     res = trainer.fit()
-    return {"variant": "packed" if packed else "tunelab", "real_tokens": res["train_tokens"],
+    return {"variant": ("packed" if packed else "tunelab") + ("" if onednn else "-mkl"), "real_tokens": res["train_tokens"],
             "train_time_s": res["train_time_s"], "cpu_s": cpu, "tokens_per_s": res["train_tokens_per_s"],
             "tokens_per_cpu_s": res["train_tokens"] / cpu, "peak_rss_bytes": res["peak_rss_bytes"],
             "steps": res["steps"]}
 
 
-VARIANTS = ("padded720", "dynamic", "grouped", "flatten", "trl", "tunelab", "packed")
-NAMES = {"padded720": "HF Trainer + PEFT, padded to 720 (original)", "dynamic": "HF Trainer + PEFT, dynamic padding",
+VARIANTS = ("padded720", "dynamic", "grouped", "flatten", "trl", "tunelab", "packed", "tunelab-mkl", "packed-mkl")
+NAMES = {"padded720": "HF Trainer + PEFT, padded to max_length (original)", "dynamic": "HF Trainer + PEFT, dynamic padding",
          "grouped": "HF Trainer + PEFT, group_by_length", "flatten": "HF DataCollatorWithFlattening (reference only)",
          "trl": "TRL SFTTrainer padding_free (reference only)", "tunelab": "tunelab train",
-         "packed": "tunelab train data.packing=true"}
+         "packed": "tunelab train data.packing=true", "tunelab-mkl": "tunelab train, train.onednn_linear=false",
+         "packed-mkl": "tunelab train data.packing=true, train.onednn_linear=false"}
 CORRECT_PEERS = ("padded720", "dynamic", "grouped")
 
 
 def _run_variant(variant: str, args) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--batch-size", str(args.batch_size),
-                           "--steps", str(args.steps), "--seed", str(args.seed), "--threads", str(args.threads)],
+                           "--steps", str(args.steps), "--seed", str(args.seed), "--threads", str(args.threads),
+                           "--task", args.task],
                           capture_output=True, text=True)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
@@ -192,15 +204,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per variant (0 = torch's default); on a shared CPU use 1 and compare "
                          "real tokens per CPU-second, which depend less on the other processes than wall time")
+    ap.add_argument("--task", default="gsm8k", choices=sorted(TASKS),
+                    help="training examples from this task, at its shipped data.max_length")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global TASK
+    TASK = args.task
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.variant:
-        if args.variant in ("tunelab", "packed"):
-            res = run_tunelab(args.batch_size, args.steps, args.seed, packed=args.variant == "packed")
+        if args.variant.startswith(("tunelab", "packed")):
+            res = run_tunelab(args.batch_size, args.steps, args.seed, packed=args.variant.startswith("packed"),
+                              onednn=not args.variant.endswith("-mkl"))
         else:
             res = run_hf(args.variant, args.batch_size, args.steps, args.seed)
         print("RESULT " + json.dumps(res))
@@ -220,7 +237,7 @@ def main() -> None:
     print(json.dumps(runs), file=sys.stderr)
     best = {key: max([results[v][key] for v in CORRECT_PEERS if v in results], default=None)
             for key in ("tokens_per_s", "tokens_per_cpu_s")}
-    print(f"\nLoRA r8 dropout 0.05 all-linear, SmolLM2-135M, GSM8K, batch {args.batch_size}, {args.steps} steps, "
+    print(f"\nLoRA r8 dropout 0.05 all-linear, SmolLM2-135M, {args.task} (max_length {TASKS[args.task]}), batch {args.batch_size}, {args.steps} steps, "
           f"{args.repeat} alternating round(s), torch threads {args.threads or 'default'}, {os.cpu_count()} CPUs\n")
     print("| variant | real tokens/s (median; runs) | vs best correct peer | real tokens per CPU-s | vs best correct peer "
           "| peak RSS (GiB) |")

@@ -351,7 +351,7 @@ def test_slot_cache_squeezes_out_rejected_columns_when_full():
 def test_packed_linears_match_nn_linear_and_are_restored(model_and_tok):
     """oneDNN on packed weights: the model's logits to float rounding, the modules as they were after
     the block (also after an error), and bf16 autocast inside the block takes the usual path."""
-    from tunelab.evaluation.cpu_kernels import available, packed_linears
+    from tunelab.cpu_kernels import available, packed_linears
 
     if not available():
         pytest.skip("this torch build has no oneDNN packed linear ops")

@@ -22,19 +22,22 @@ from torch import nn
 
 from tunelab.config import load_config
 from tunelab.methods.lora import LoraMethod
+from tunelab.methods import lora_dropout
 from tunelab.methods.lora_dropout import (
-    BitMaskDropoutLinear, PlainLinear, _DropoutDownProjection, apply_mask, bnb_layers, dropout_with_mask, pack_bits,
-    unpack_bits,
+    MASK_KINDS, BitMaskDropoutLinear, FastDropout, PlainLinear, _DropoutDownProjection, apply_mask, bnb_layers,
+    dropout_with_mask, keep_mask, pack_bits, rounded_p, unpack_bits, use_fast_dropout,
 )
 
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _lora(tiny_model_dir, dropout: float, bit_mask: bool, monkeypatch):
-    """The tiny model with tunelab's LoRA (r 4), B initialised non-zero so A gets gradients too."""
+def _lora(tiny_model_dir, dropout: float, bit_mask: bool, monkeypatch, fast_dropout: bool = True):
+    """The tiny model with tunelab's LoRA (r 4), B initialised non-zero so A gets gradients too;
+    ``fast_dropout=False`` keeps PEFT's own nn.Dropout modules."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(LoraMethod, "bit_mask_dropout", bit_mask)
+    monkeypatch.setattr(lora_dropout, "use_fast_dropout", use_fast_dropout if fast_dropout else (lambda model: 0))
     cfg = load_config(overrides=[f"model={tiny_model_dir}", "method=lora", "method.rank=4",
                                  f"method.dropout={dropout}"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -73,16 +76,19 @@ def test_training_layers_are_pefts_lora_linear_with_a_bit_mask_dropout(tiny_mode
     assert len(layers) == 2 * len(ADAPTED)
     assert all(type(m) is BitMaskDropoutLinear for m in layers.values())
     assert all(isinstance(m, peft.tuners.lora.Linear) for m in layers.values())  # PEFT's merge, state names
+    assert all(type(m.lora_dropout["default"]) is FastDropout for m in layers.values())
     stock = _lora(tiny_model_dir, 0.1, False, monkeypatch)
     assert all(type(m) is peft.tuners.lora.Linear for n, m in stock.named_modules() if n.endswith(ADAPTED))
     assert model.state_dict().keys() == stock.state_dict().keys()
 
 
+@pytest.mark.parametrize("fast_dropout", [True, False], ids=["fast-dropout", "nn-dropout"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_logits_gradients_and_rng_equal_pefts(tiny_model_dir, monkeypatch, dropout):
-    """Bit for bit: with dropout 0, and with dropout 0.1 (the same mask as PEFT's nn.Dropout draws)."""
-    ours = _step(_lora(tiny_model_dir, dropout, True, monkeypatch))
-    stock = _step(_lora(tiny_model_dir, dropout, False, monkeypatch))
+def test_logits_gradients_and_rng_equal_pefts(tiny_model_dir, monkeypatch, dropout, fast_dropout):
+    """Bit for bit: with dropout 0, and with dropout 0.1 (the same mask as PEFT's layer with the same
+    dropout module draws: tunelab's FastDropout, or PEFT's own nn.Dropout)."""
+    ours = _step(_lora(tiny_model_dir, dropout, True, monkeypatch, fast_dropout))
+    stock = _step(_lora(tiny_model_dir, dropout, False, monkeypatch, fast_dropout))
     _assert_same_step(ours, stock)
     if dropout:  # the dropout is really applied: another RNG state gives other logits
         assert not torch.equal(ours[0], _step(_lora(tiny_model_dir, dropout, True, monkeypatch), seed=4)[0])
@@ -127,9 +133,13 @@ def _one_layer(p: float, n_in: int = 64, r: int = 8) -> BitMaskDropoutLinear:
     return layer.train()
 
 
-def test_dropout_is_unbiased_and_backward_reuses_the_forward_mask():
+@pytest.mark.parametrize("fast", [False, True], ids=["nn-dropout", "fast-dropout"])
+def test_dropout_is_unbiased_and_backward_reuses_the_forward_mask(fast):
     p, tokens = 0.3, 4096
     layer = _one_layer(p)
+    if fast:
+        layer.lora_dropout["default"] = FastDropout(p)
+    p_real = rounded_p(p) if fast else p
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     torch.manual_seed(123)
     out = layer(x)
@@ -138,7 +148,7 @@ def test_dropout_is_unbiased_and_backward_reuses_the_forward_mask():
     # d(sum(out))/dx = mask / (1 - p) * (the r rows of A summed) = mask / (1 - p) * r
     scaled_mask = x.grad / 8
     kept = scaled_mask != 0
-    assert torch.allclose(scaled_mask[kept], torch.full_like(scaled_mask[kept], 1 / (1 - p)))
+    assert torch.allclose(scaled_mask[kept], torch.full_like(scaled_mask[kept], 1 / (1 - p_real)))
     frac_dropped = 1 - kept.float().mean().item()
     sigma = (p * (1 - p) / kept.numel()) ** 0.5
     assert abs(frac_dropped - p) < 5 * sigma  # E[mask / (1 - p)] = 1: an unbiased dropout
@@ -146,43 +156,69 @@ def test_dropout_is_unbiased_and_backward_reuses_the_forward_mask():
     with torch.no_grad():
         expected = (x * scaled_mask).sum(1, keepdim=True).expand(-1, 8)
         torch.testing.assert_close(out - layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
-    # and it is the mask nn.Dropout draws from the same RNG state
+    # and it is the mask the layer's dropout module draws from the same RNG state
     torch.manual_seed(123)
-    assert torch.equal(nn.functional.dropout(torch.ones_like(x), p, training=True), scaled_mask)
+    assert torch.equal(layer.lora_dropout["default"](torch.ones_like(x)), scaled_mask)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["bernoulli-noise", "native_dropout"])
-def test_gradients_equal_a_reference_with_the_same_mask(fused, monkeypatch):
-    """Both of F.dropout's code paths (CPU's noise tensor; CUDA's fused native_dropout, forced here on
-    CPU): outputs and gradients of x and A equal plain autograd through x * mask / (1 - p) @ A^T."""
-    import tunelab.methods.lora_dropout as ld
+def test_fast_dropout_masks_are_independent_bernoulli_draws():
+    """FastDropout on CPU: each of the four 15-bit quarters of a random word keeps with 1 - p (5 sigma),
+    p is realised to 1/32768, draws follow the seed, two calls differ, and eval / p=0 are identities."""
+    p, n = 0.05, 1 << 22
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    sigma = (p * (1 - p) / (n // 4)) ** 0.5
+    for quarter in mask.view(-1, 4).float().mean(0):
+        assert abs((1 - quarter.item()) - p) < 5 * sigma
+    pairs = mask.view(-1, 2).float()  # neighbours are independent: P(both dropped) = p^2
+    both = ((1 - pairs[:, 0]) * (1 - pairs[:, 1])).mean().item()
+    assert abs(both - p * p) < 5 * (p * p / (n // 2)) ** 0.5
+    assert abs(rounded_p(p) - p) <= 1 / (1 << 16) and rounded_p(0.25) == 0.25
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([n]), p, torch.device("cpu")), mask)
+    assert not torch.equal(keep_mask(torch.Size([n]), p, torch.device("cpu")), mask)
+    x = torch.randn(64, 32)
+    assert torch.equal(FastDropout(0.0).train()(x), x) and torch.equal(FastDropout(0.5).eval()(x), x)
+    dropped = FastDropout(0.5).train()(x)
+    assert torch.equal(dropped[dropped != 0], (x * 2)[dropped != 0])
 
-    monkeypatch.setattr(ld, "FUSED_DROPOUT_DEVICES", ("cpu",) if fused else ())
-    p = 0.25
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_gradients_equal_a_reference_with_the_same_mask(kind):
+    """Every way a mask is drawn (CPU's noise tensor as F.dropout does; CUDA's fused native_dropout,
+    run here on CPU; FastDropout's 15-bit uniforms): outputs and gradients of x and A equal plain
+    autograd through x * mask / (1 - p) @ A^T."""
+    p = 0.25 if kind != "uniform15" else 0.3  # 0.3 is not a multiple of 1/32768: p' is what is used
+    p_real = rounded_p(p) if kind == "uniform15" else p
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 50, 37, generator=gen).requires_grad_()  # 3-D like a batch; 5550 bits pad to 694 bytes
     a = torch.randn(6, 37, generator=gen).requires_grad_()
     g = torch.randn(3, 50, 6, generator=gen)
     torch.manual_seed(9)
-    h = _DropoutDownProjection.apply(x, a, p, torch.float32)
+    h = _DropoutDownProjection.apply(x, a, p, torch.float32, kind)
     torch.rand(100)
     (h * g).sum().backward()
     torch.manual_seed(9)
-    _, mask = dropout_with_mask(x.detach(), p, fused)
+    _, mask = dropout_with_mask(x.detach(), p, kind)
     x_ref, a_ref = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
-    h_ref = (x_ref * mask / (1 - p)) @ a_ref.t()
+    h_ref = (x_ref * mask / (1 - p_real)) @ a_ref.t()
     (h_ref * g).sum().backward()
-    torch.testing.assert_close(h, h_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-5, atol=1e-5)
-    # the forward's dropped values are F.dropout's (on this path's device), and re-applying the saved
-    # mask to x in backward gives exactly those values
+    # the forward's dropped values are the dropout's own, and re-applying the saved mask to x in
+    # backward gives exactly those values
     torch.manual_seed(9)
-    dropped, mask = dropout_with_mask(x.detach(), p, fused)
+    dropped, mask = dropout_with_mask(x.detach(), p, kind)
     torch.manual_seed(9)
-    reference = torch.native_dropout(x.detach(), p, True)[0] if fused else nn.functional.dropout(x.detach(), p, True)
+    if kind == "fused":
+        reference = torch.native_dropout(x.detach(), p, True)[0]
+    elif kind == "bernoulli":
+        reference = nn.functional.dropout(x.detach(), p, True)
+    else:
+        reference = FastDropout(p).train()(x.detach())
     assert torch.equal(dropped, reference)
-    assert torch.equal(apply_mask(x.detach(), mask, p, fused), dropped)
+    assert torch.equal(apply_mask(x.detach(), mask, p, kind), dropped)
 
 
 @pytest.mark.parametrize("shape", [(8,), (3, 5), (2, 7, 9), (1,), (0, 4)])
@@ -208,7 +244,7 @@ def _held_after_forward(model) -> int:
 
 
 def test_no_dropped_out_input_copy_is_held_for_backward(tiny_model_dir, monkeypatch):
-    stock = _lora(tiny_model_dir, 0.1, False, monkeypatch)
+    stock = _lora(tiny_model_dir, 0.1, False, monkeypatch, fast_dropout=False)  # PEFT as it ships
     inputs = []  # numel of every adapted layer's input: PEFT keeps a float copy of each + its mask (>= 1 byte)
     hooks = [m.register_forward_hook(lambda m, a, o: inputs.append(a[0].numel()))
              for n, m in stock.named_modules() if n.endswith(ADAPTED)]
@@ -217,7 +253,7 @@ def test_no_dropped_out_input_copy_is_held_for_backward(tiny_model_dir, monkeypa
         h.remove()
     copies = sum(inputs) * (4 + 1)
     ours_held = _held_after_forward(_lora(tiny_model_dir, 0.1, True, monkeypatch))
-    floor = _held_after_forward(_lora(tiny_model_dir, 0.0, False, monkeypatch))  # PEFT without dropout
+    floor = _held_after_forward(_lora(tiny_model_dir, 0.0, False, monkeypatch, fast_dropout=False))  # no dropout
     assert stock_held - floor >= 0.95 * copies  # what PEFT pays for its dropout
     bits = sum(-(-n // 8) for n in inputs)  # ours: the packed masks, one bit per element
     assert ours_held - floor <= bits, (ours_held - floor, bits, copies)
@@ -245,6 +281,7 @@ def _qlora(tiny_model_dir, bit_mask: bool, monkeypatch):
     cfg = load_config(overrides=["method=lora", "method.rank=4", "method.dropout=0.1"])
     torch.manual_seed(0)
     model = peft.get_peft_model(base, LoraMethod(cfg.method).peft_config())
+    use_fast_dropout(model)  # as LoraMethod.prepare does
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():

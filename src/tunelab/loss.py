@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tunelab import cpu_kernels
 from tunelab.data import IGNORE_INDEX
 from tunelab.data.packing import (
     SEGMENT_SDPA,
@@ -66,13 +67,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
         n = hidden.shape[0]
+        # train.onednn_linear: the products on oneDNN (decided once, so backward matches forward)
+        ctx.onednn = onednn = cpu_kernels.active() and dtype == torch.float32 and cpu_kernels.usable(hidden, weight)
+        product = cpu_kernels.linear if onednn else F.linear
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
             for s in range(0, n, chunk):
-                logits = F.linear(hidden[s:s + chunk].to(dtype), w, b).float()
+                logits = product(hidden[s:s + chunk].to(dtype), w, b).float()
                 t = targets[s:s + chunk]
                 # torch's own kernel, so each token's loss is bitwise the unchunked path's
                 loss = F.cross_entropy(logits, t, reduction="none")
@@ -88,6 +92,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
+        product = cpu_kernels.linear if ctx.onednn else F.linear
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -97,7 +102,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].to(dtype)
-                probs = F.linear(h, w, b).float()
+                probs = product(h, w, b).float()
                 probs.sub_(lse[s:s + chunk, None]).exp_()  # softmax, in place
                 rows = torch.arange(probs.shape[0], device=probs.device)
                 probs[rows, targets[s:s + chunk]] -= 1.0
@@ -105,8 +110,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)
                 del probs
                 if need_h:
-                    grad_h[s:s + chunk] = g @ w
-                if need_w:
+                    grad_h[s:s + chunk] = cpu_kernels.input_grad(g, w) if ctx.onednn else g @ w
+                if need_w:  # in place on MKL: oneDNN would need a weight-sized buffer per chunk
                     if dtype == torch.float32:
                         grad_w.addmm_(g.t(), h)
                     else:

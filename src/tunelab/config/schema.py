@@ -181,6 +181,12 @@ class TrainConfig:
         "Target tokens per chunk of the output head + cross-entropy, so no [targets x vocabulary] tensor "
         "is alive at once (0 = all at once).",
     )
+    onednn_linear: bool = opt(
+        True,
+        "On a CPU with fp32 weights, compute the linear layers (forward and both gradients) and the output "
+        "head's chunked loss through oneDNN instead of MKL's sgemm (about 2x its speed on AMD CPUs; no weight "
+        "is copied). Numbers move by float rounding only. Ignored under FSDP/DeepSpeed, on GPUs and in bf16.",
+    )
     logging_steps: int = opt(1, "Write a metrics line every this many optimizer steps.")
     eval_steps: int = opt(
         0,

@@ -94,7 +94,7 @@ def generate(model, tokenizer, prompts: list[str], eval_cfg: EvalConfig, stop_ch
 
 def _generate_continuous(model, tokenizer, enc: list[list[int]], eval_cfg: EvalConfig, stop_check, sampling,
                          finished) -> tuple[list[str], int]:
-    from tunelab.evaluation.cpu_kernels import packed_linears
+    from tunelab.cpu_kernels import packed_linears
     from tunelab.evaluation.decode import ContinuousDecoder
 
     decoder = ContinuousDecoder(model, tokenizer, eval_cfg.batch_size, eval_cfg.max_new_tokens,

@@ -267,7 +267,7 @@ def run_harness(cfg: RunConfig, model, tokenizer, out_dir: Path, *, method: str,
         raise ConfigError([f"harness in chat format (task.prompt_format={cfg.task.prompt_format}, harness.apply_chat_template="
                            f"{h.apply_chat_template}) but the tokenizer of {cfg.model.name} has no chat template: set "
                            f"task.chat_template=FILE, or harness.apply_chat_template=false"])
-    from tunelab.evaluation.cpu_kernels import packed_linears
+    from tunelab.cpu_kernels import packed_linears
 
     # the same linear kernels as tunelab's own decoder (eval.onednn_linear), so both see the same logits
     with packed_linears(model, enabled=cfg.eval.onednn_linear):

@@ -6,7 +6,8 @@ magnitude and direction (arXiv 2402.09353); QLoRA keeps W in 4-bit NF4 (arXiv 23
 The adapter is saved in PEFT's own format, so ``PeftModel.from_pretrained(base, RUN/adapter)`` loads it.
 Training builds PEFT's layers except on plain ``nn.Linear`` targets, where
 :mod:`tunelab.methods.lora_dropout` keeps the adapter-input dropout's mask as one bit per element
-instead of a dropped-out copy of every layer's input (PEFT's numbers, less memory).
+instead of a dropped-out copy of every layer's input (PEFT's numbers, less memory), and on CPU draws
+the dropout masks from a quarter of the random numbers torch's ``bernoulli_`` would (``FastDropout``).
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class LoraMethod(Method):
                 f"LoRA could not be applied: {exc}. Check method.target_modules "
                 f"(got {self.config.target_modules!r}); 'all-linear' adapts every linear layer but the output head."
             ) from exc
+        from tunelab.methods.lora_dropout import use_fast_dropout
+
+        use_fast_dropout(model)  # CPU: a quarter of the random numbers per mask (see FastDropout)
         return model
 
     def save_artifact(self, model: nn.Module, out_dir: Path) -> None:

@@ -54,6 +54,7 @@ def memory_accounting(trainer) -> dict:
     trainable = int(all_reduce_sum(float(trainable), trainer.procs))
     return {
         "precision": trainer.precision.name,
+        "onednn_linear_layers": trainer.onednn_layers,  # train.onednn_linear: layers on oneDNN
         "optimizer_state_bytes": int(all_reduce_sum(float(optimizer_state_bytes(trainer.optimizer)), trainer.procs)),
         "trainable_param_bytes": trainable,
         "master_weight_bytes": trainable if trainer.precision.is_mixed else 0,

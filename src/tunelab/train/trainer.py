@@ -46,6 +46,7 @@ from tunelab.train.checkpoint import Checkpointer, drop_metrics_after, remove_st
 from tunelab.train.evaluator import HeldOutEvaluator, evaluate_now, load_best
 from tunelab.train.loggers import MetricLoggers
 from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
+from tunelab.cpu_kernels import onednn_linears
 from tunelab.train.precision import LossScaler, keep_trainable_in_fp32, resolve_precision
 from tunelab.train.results import memory_accounting, run_results
 from tunelab.train.schedule import count_steps, lr_lambda
@@ -91,6 +92,7 @@ class Trainer:
         self.tokens_seen = self.target_tokens_seen = 0
         self.window_loss = self.window_tokens = 0.0
         self.last_loss = float("nan")
+        self.onednn_layers = 0  # linear layers trained through oneDNN (train.onednn_linear), set by fit
         self.diverged_what: Optional[str] = None  # what stopped a diverged run, for its message
         self.evaluator: Optional[HeldOutEvaluator] = None  # train.eval_steps: the held-out loss during training
         self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint this process wrote
@@ -226,8 +228,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the last step (or a stop: divergence, a method's request, preemption), then finish."""
         stopped = None
+        # fp32 CPU linears on oneDNN for the whole loop (forward, backward, checkpoint recompute, held-out eval)
+        use_onednn = self.cfg.train.onednn_linear and self.backend.plain_weights(self.model)
+        kernels = onednn_linears(self.plain_model, use_onednn, skip=(self.selector.head,))
         with catch_stop_signals(lambda signum: log.warning(
-                f"received signal {signum}: will checkpoint after this step and exit")) as stop, self._progress() as bar:
+                f"received signal {signum}: will checkpoint after this step and exit")) as stop, \
+                self._progress() as bar, kernels as self.onednn_layers:
             self.model.train()
             try:
                 while self.state.step < self.max_steps:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab import cpu_kernels
 from tunelab.methods.rosa.sparse_ops import (
     CHUNK_ELEMS,
     compute_dtype,
@@ -56,8 +57,12 @@ class _SparseLinearFn(torch.autograd.Function):
         cdt = compute_dtype(base, x)
         meta = layer._meta()
         w_eff = effective_weight(base, meta["flat"], values, cdt)
-        out = F.linear(x.to(cdt), w_eff, None if bias is None else bias.to(cdt))
-        del w_eff
+        xc = x.to(cdt)
+        # train.onednn_linear: the dense products on oneDNN (decided once, so backward matches forward)
+        ctx.onednn = cpu_kernels.active() and cpu_kernels.usable(xc, w_eff)
+        product = cpu_kernels.linear if ctx.onednn else F.linear
+        out = product(xc, w_eff, None if bias is None else bias.to(cdt))
+        del w_eff, xc
         ctx.layer = layer
         ctx.x_dtype = x.dtype
         ctx.cdt = cdt
@@ -73,7 +78,8 @@ class _SparseLinearFn(torch.autograd.Function):
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             w_eff = effective_weight(layer.base_layer, meta["flat"], values, ctx.cdt)
-            dx = torch.matmul(d_out.to(ctx.cdt), w_eff).to(ctx.x_dtype)
+            g = d_out.to(ctx.cdt)
+            dx = (cpu_kernels.input_grad(g.contiguous(), w_eff) if ctx.onednn else torch.matmul(g, w_eff)).to(ctx.x_dtype)
             del w_eff
         if ctx.needs_input_grad[1]:
             dv = sddmm(d_out.reshape(-1, m), x.reshape(-1, n), meta, layer.sddmm_impl).to(values.dtype)

@@ -73,6 +73,12 @@ class Backend:
         forward is a collective); otherwise each process can generate its own share of the prompts."""
         return False
 
+    def plain_weights(self, model: nn.Module) -> bool:
+        """Whether the weights are whole, plain tensors through forward and backward (no engine gathers
+        or frees them around a module's own forward), so tunelab's own kernels may compute the layers
+        (``train.onednn_linear``)."""
+        return True
+
     def backward(self, model: nn.Module, loss: torch.Tensor, sync: bool) -> None:
         loss.backward()
 

@@ -57,6 +57,9 @@ class DeepSpeedBackend(Backend):
         # ZeRO-3 partitions the weights (gathered per forward, a collective); stages 1-2 keep them whole
         return is_deepspeed_engine(model) and model.zero_optimization_stage() == 3
 
+    def plain_weights(self, model) -> bool:
+        return is_deepspeed_engine(model) and model.zero_optimization_stage() < 3  # ZeRO-3: gathered per module
+
     def backward(self, model, loss, sync: bool) -> None:
         # the engine reduces (and ZeRO-partitions) gradients on the boundary micro-batch, which it
         # counts through step(): call it after every micro-batch but the last

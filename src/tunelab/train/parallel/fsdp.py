@@ -23,6 +23,9 @@ class FsdpBackend(Backend):
     def decodes_in_lockstep(self, model) -> bool:
         return True  # a block's weights are all-gathered in its forward: every rank must run it
 
+    def plain_weights(self, model) -> bool:
+        return False  # DTensor shards, unsharded only around each block's own forward and backward
+
     def shard(self, model: nn.Module) -> nn.Module:
         """One shard group per transformer block, then the root (embeddings, final norm, head).
 
