@@ -23,9 +23,10 @@ from torch import nn
 from tunelab.config import load_config
 from tunelab.methods.lora import LoraMethod
 from tunelab.methods import lora_dropout
+from tunelab.methods.dropout import FastDropout, keep_mask, rounded_p
 from tunelab.methods.lora_dropout import (
-    MASK_KINDS, BitMaskDropoutLinear, FastDropout, PlainLinear, _DropoutDownProjection, apply_mask, bnb_layers,
-    dropout_with_mask, keep_mask, pack_bits, rounded_p, unpack_bits, use_fast_dropout,
+    MASK_KINDS, BitMaskDropoutLinear, PlainLinear, _DropoutDownProjection, apply_mask, bnb_layers, dropout_with_mask,
+    pack_bits, unpack_bits, use_fast_dropout,
 )
 
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

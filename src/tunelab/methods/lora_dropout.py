@@ -40,12 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from tunelab import cpu_kernels
+from tunelab.methods.dropout import FUSED_DROPOUT_DEVICES, FastDropout, apply_fast_mask, fast_dropout
 
-#: devices where torch.nn.functional.dropout runs the fused ``native_dropout`` kernel (ATen's
-#: ``is_fused_kernel_acceptable``); elsewhere it multiplies by a ``bernoulli_`` noise tensor
-FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
-#: the CPU path's uniform integers have 15 bits: p is realised to a multiple of 1/32768
-_UNIFORM_LEVELS = 1 << 15
 
 
 class _ExactTypeMeta(type):
@@ -88,23 +84,8 @@ def unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return spread.view(torch.uint8).ne(0)[: math.prod(shape)].view(shape)
 
 
-def rounded_p(p: float) -> float:
-    """The drop probability the CPU path realises: ``p`` to the nearest multiple of 1/32768."""
-    return round(p * _UNIFORM_LEVELS) / _UNIFORM_LEVELS
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask, True with probability ``1 - rounded_p(p)`` independently per element, drawn from the
-    default generator as 15-bit uniform integers, four per 64-bit random word (``random_()`` fills an
-    int64 with 63 random bits; the top bit of each 16-bit quarter is masked off)."""
-    n = math.prod(shape)
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_()
-    uniform = words.view(torch.int16)[:n].bitwise_and_(_UNIFORM_LEVELS - 1)
-    return uniform.ge(round(p * _UNIFORM_LEVELS)).view(shape)
-
-
 #: how a mask is drawn: "fused" (``native_dropout``, CUDA-like devices), "bernoulli" (F.dropout's CPU
-#: noise tensor: ``nn.Dropout``'s own draws), "uniform15" (:class:`FastDropout` on CPU, :func:`keep_mask`)
+#: noise tensor: ``nn.Dropout``'s own draws), "uniform15" (:class:`FastDropout` on CPU)
 MASK_KINDS = ("fused", "bernoulli", "uniform15")
 
 
@@ -112,7 +93,7 @@ def mask_kind(dropout: nn.Module, device: torch.device) -> str:
     """How ``dropout`` (an ``nn.Dropout`` or :class:`FastDropout`) draws its mask on ``device``."""
     if device.type in FUSED_DROPOUT_DEVICES:
         return "fused"
-    return "uniform15" if isinstance(dropout, FastDropout) and rounded_p(dropout.p) < 1.0 else "bernoulli"
+    return "uniform15" if isinstance(dropout, FastDropout) and dropout.uses_fast_path(device) else "bernoulli"
 
 
 def dropout_with_mask(x: torch.Tensor, p: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +104,7 @@ def dropout_with_mask(x: torch.Tensor, p: float, kind: str) -> tuple[torch.Tenso
         noise = torch.empty_like(x).bernoulli_(1 - p)
         noise.div_(1 - p)
         return x.mul(noise), noise != 0
-    mask = keep_mask(x.shape, p, x.device)
-    return apply_mask(x, mask, p, kind), mask
+    return fast_dropout(x, p)
 
 
 def apply_mask(t: torch.Tensor, mask: torch.Tensor, p: float, kind: str) -> torch.Tensor:
@@ -133,22 +113,7 @@ def apply_mask(t: torch.Tensor, mask: torch.Tensor, p: float, kind: str) -> torc
         return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
     if kind == "bernoulli":
         return t.mul(mask.to(t.dtype).div_(1 - p))
-    return t.mul(mask).mul_(1.0 / (1.0 - rounded_p(p)))
-
-
-class FastDropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU path draws its mask with :func:`keep_mask`: a quarter of the random
-    numbers of torch's ``bernoulli_``, which draws one Mersenne-Twister number per element (serially
-    on this AMD CPU: 5.4 ns per element, 16% of a LoRA r8 step at batch 2 before this). ``p`` is
-    realised to a multiple of 1/32768 (:func:`rounded_p`; 0.05 becomes 0.04999) and kept values are
-    scaled by ``1 / (1 - p')``, so the dropout stays unbiased. On fused devices it is ``nn.Dropout``.
-    tunelab's LoRA puts it in every adapter layer (:func:`use_fast_dropout`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = mask_kind(self, x.device)
-        if not self.training or self.p == 0 or kind != "uniform15":
-            return super().forward(x)
-        return dropout_with_mask(x, self.p, kind)[0]
+    return apply_fast_mask(t, mask, p)
 
 
 def use_fast_dropout(model: nn.Module) -> int:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab import cpu_kernels
+from tunelab.methods.dropout import FastDropout
 from tunelab.methods.rosa.sparse_ops import (
     CHUNK_ELEMS,
     compute_dtype,
@@ -170,7 +171,8 @@ class RosaLinear(nn.Module):
         else:
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # on CPU a quarter of nn.Dropout's random numbers per mask (tunelab.methods.dropout)
+        self.lora_dropout = FastDropout(dropout) if dropout > 0 else nn.Identity()
         if self.nnz > 0:
             self.rosa_values = nn.Parameter(torch.zeros(self.nnz, device=device, dtype=pdt))
             self.register_buffer(
