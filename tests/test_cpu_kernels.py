@@ -3,6 +3,7 @@ tolerance, the same tensors saved for backward, and the layers given back untouc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -112,9 +113,10 @@ def test_the_chunked_loss_follows_the_switch(monkeypatch):
     from tunelab.loss import chunked_cross_entropy
 
     calls = []
-    for name in ("linear", "input_grad"):
-        kernel = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    onednn = cpu_kernels.ONEDNN
+    counted = {name: (lambda *a, _k=getattr(onednn, name), _n=name: calls.append(_n) or _k(*a))
+               for name in ("linear", "input_grad", "weight_grad")}
+    monkeypatch.setattr(cpu_kernels, "ONEDNN", dataclasses.replace(onednn, **counted))
 
     gen = torch.Generator().manual_seed(3)
     h = torch.randn(50, 64, generator=gen, requires_grad=True)

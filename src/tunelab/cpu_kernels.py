@@ -11,8 +11,8 @@ oneDNN on the same plain (unpacked, even transposed) weight. No env var fixes MK
 * :func:`onednn_linears` (training, ``train.onednn_linear``): every plain fp32 CPU ``nn.Linear`` of
   the model computes forward, input gradient and weight gradient through oneDNN, as one autograd
   function (:class:`OneDnnLinear`) that saves exactly what ``F.linear`` saves. The hand-written
-  kernels (the chunked loss, RoSA's sparse layer) ask :func:`active` and use :func:`linear` /
-  :func:`input_grad` for their own products. No weight is copied.
+  kernels (the chunked loss, RoSA's sparse layer, LoRA's dropout projection) take their products
+  from :func:`products_for`. No weight is copied.
 * :func:`packed_linears` (decoding, ``eval.onednn_linear``): layers are packed once per generation
   call (``torch.ops.mkldnn._reorder_linear_weight``; a packed copy of the weights lives that long),
   which is another 2-3x at decoding's 1-32 rows (576x1536, 16 rows: 289 us MKL vs 93 us packed; the
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def _packed_forward(layer: nn.Linear, packed: torch.Tensor):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not torch.float32 or torch.is_autocast_enabled("cpu"):  # mixed precision: the usual path
             return nn.functional.linear(x, layer.weight, layer.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+        return linear(x, packed, layer.bias)
 
     return forward
 
@@ -97,8 +98,8 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("tunelab_onednn_t
 
 
 def active() -> bool:
-    """Whether the hand-written kernels (chunked loss, RoSA) should compute their fp32 CPU products
-    through oneDNN: inside :func:`onednn_linears` with it enabled."""
+    """Whether the hand-written kernels should compute their fp32 CPU products through oneDNN
+    (:func:`products_for`): inside :func:`onednn_linears` with it enabled."""
     return _ACTIVE.get()
 
 
@@ -110,14 +111,15 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on oneDNN, no autograd (for use inside autograd functions)."""
+    """``F.linear(x, weight, bias)`` on oneDNN, no autograd (for use inside autograd functions); ``weight``
+    may be a plain, a transposed or a packed (:func:`packed_linears`) matrix."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``grad_out @ weight`` (the input gradient of ``linear``) on oneDNN, through a transposed view:
     no copy of the weight is made (oneDNN reads the strides)."""
-    return torch.ops.mkldnn._linear_pointwise(grad_out, weight.t(), None, "none", [], "")
+    return linear(grad_out.contiguous(), weight.t())
 
 
 #: a weight gradient with a side this narrow (LoRA's A and B) stays on torch's matmul: oneDNN would
@@ -125,13 +127,36 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 SKINNY_WEIGHT = 64
 
 
+def _torch_weight_grad(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+
+
 def weight_grad(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad_out.T @ x`` over all leading dimensions ([out, in], the weight gradient), on oneDNN
     unless a side is at most :data:`SKINNY_WEIGHT` wide."""
-    g, xs = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-    if min(g.shape[1], xs.shape[1]) <= SKINNY_WEIGHT:
-        return g.t().mm(xs)
-    return torch.ops.mkldnn._linear_pointwise(g.t(), xs.t(), None, "none", [], "")
+    if min(grad_out.shape[-1], x.shape[-1]) <= SKINNY_WEIGHT:
+        return _torch_weight_grad(grad_out, x)
+    return linear(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+
+
+@dataclass(frozen=True)
+class Products:
+    """The three products of a linear layer, on one set of kernels (what a hand-written autograd
+    function picks once in forward and keeps in ``ctx`` for its backward)."""
+
+    linear: Callable[..., torch.Tensor]  # (x, weight, bias=None) -> x @ weight.T + bias
+    input_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad_out, weight) -> grad_out @ weight
+    weight_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad_out, x) -> grad_out.T @ x
+    onednn: bool
+
+
+TORCH = Products(nn.functional.linear, torch.matmul, _torch_weight_grad, onednn=False)
+ONEDNN = Products(linear, input_grad, weight_grad, onednn=True)
+
+
+def products_for(x: torch.Tensor, weight: torch.Tensor) -> Products:
+    """oneDNN's products inside :func:`onednn_linears` where :func:`usable`, else torch's."""
+    return ONEDNN if active() and usable(x, weight) else TORCH
 
 
 class OneDnnLinear(torch.autograd.Function):

@@ -68,15 +68,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
         n = hidden.shape[0]
         # train.onednn_linear: the products on oneDNN (decided once, so backward matches forward)
-        ctx.onednn = onednn = cpu_kernels.active() and dtype == torch.float32 and cpu_kernels.usable(hidden, weight)
-        product = cpu_kernels.linear if onednn else F.linear
+        ctx.products = products = cpu_kernels.products_for(hidden, weight)
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
             for s in range(0, n, chunk):
-                logits = product(hidden[s:s + chunk].to(dtype), w, b).float()
+                logits = products.linear(hidden[s:s + chunk].to(dtype), w, b).float()
                 t = targets[s:s + chunk]
                 # torch's own kernel, so each token's loss is bitwise the unchunked path's
                 loss = F.cross_entropy(logits, t, reduction="none")
@@ -92,7 +91,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
-        product = cpu_kernels.linear if ctx.onednn else F.linear
+        products = ctx.products
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -102,7 +101,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].to(dtype)
-                probs = product(h, w, b).float()
+                probs = products.linear(h, w, b).float()
                 probs.sub_(lse[s:s + chunk, None]).exp_()  # softmax, in place
                 rows = torch.arange(probs.shape[0], device=probs.device)
                 probs[rows, targets[s:s + chunk]] -= 1.0
@@ -110,7 +109,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)
                 del probs
                 if need_h:
-                    grad_h[s:s + chunk] = cpu_kernels.input_grad(g, w) if ctx.onednn else g @ w
+                    grad_h[s:s + chunk] = products.input_grad(g, w)
                 if need_w:  # in place on MKL: oneDNN would need a weight-sized buffer per chunk
                     if dtype == torch.float32:
                         grad_w.addmm_(g.t(), h)

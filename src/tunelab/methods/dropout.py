@@ -58,6 +58,6 @@ class FastDropout(nn.Dropout):
         return device.type not in FUSED_DROPOUT_DEVICES and 0 < rounded_p(self.p) < 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.p > 0 and self.uses_fast_path(x.device)):
+        if not (self.training and self.uses_fast_path(x.device)):
             return super().forward(x)
         return fast_dropout(x, self.p)[0]

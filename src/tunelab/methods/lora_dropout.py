@@ -37,7 +37,6 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
-from torch.nn import functional as F
 
 from tunelab import cpu_kernels
 from tunelab.methods.dropout import FUSED_DROPOUT_DEVICES, FastDropout, apply_fast_mask, fast_dropout
@@ -142,8 +141,8 @@ class _DropoutDownProjection(torch.autograd.Function):
     def forward(ctx, x, weight, p: float, dtype: torch.dtype, kind: str):
         dropped, mask = dropout_with_mask(x.to(dtype), p, kind)
         # train.onednn_linear: the products on oneDNN, as PEFT's own lora_A then computes them
-        ctx.onednn = cpu_kernels.active() and cpu_kernels.usable(dropped, weight)
-        h = cpu_kernels.linear(dropped, weight) if ctx.onednn else F.linear(dropped, weight)
+        ctx.products = cpu_kernels.products_for(dropped, weight)
+        h = ctx.products.linear(dropped, weight)
         ctx.p, ctx.dtype, ctx.kind, ctx.shape = p, dtype, kind, x.shape
         ctx.save_for_backward(x, weight, pack_bits(mask))
         return h
@@ -155,14 +154,12 @@ class _DropoutDownProjection(torch.autograd.Function):
         g = grad_h.reshape(-1, grad_h.shape[-1])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(grad_h.dtype)
-            gx = cpu_kernels.input_grad(g.contiguous(), w) if ctx.onednn else g.mm(w)
+            gx = ctx.products.input_grad(g, weight.to(grad_h.dtype))
             gx = gx.view(*ctx.shape[:-1], weight.shape[1]).to(ctx.dtype)
             grad_x = apply_mask(gx, mask, ctx.p, ctx.kind).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dropped = apply_mask(x.to(ctx.dtype), mask, ctx.p, ctx.kind).to(grad_h.dtype)
-            flat = dropped.reshape(-1, dropped.shape[-1])
-            grad_w = (cpu_kernels.weight_grad(g, flat) if ctx.onednn else g.t().mm(flat)).to(weight.dtype)
+            grad_w = ctx.products.weight_grad(g, dropped).to(weight.dtype)
         return grad_x, grad_w, None, None, None
 
 

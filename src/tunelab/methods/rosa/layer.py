@@ -60,9 +60,8 @@ class _SparseLinearFn(torch.autograd.Function):
         w_eff = effective_weight(base, meta["flat"], values, cdt)
         xc = x.to(cdt)
         # train.onednn_linear: the dense products on oneDNN (decided once, so backward matches forward)
-        ctx.onednn = cpu_kernels.active() and cpu_kernels.usable(xc, w_eff)
-        product = cpu_kernels.linear if ctx.onednn else F.linear
-        out = product(xc, w_eff, None if bias is None else bias.to(cdt))
+        ctx.products = cpu_kernels.products_for(xc, w_eff)
+        out = ctx.products.linear(xc, w_eff, None if bias is None else bias.to(cdt))
         del w_eff, xc
         ctx.layer = layer
         ctx.x_dtype = x.dtype
@@ -79,8 +78,7 @@ class _SparseLinearFn(torch.autograd.Function):
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             w_eff = effective_weight(layer.base_layer, meta["flat"], values, ctx.cdt)
-            g = d_out.to(ctx.cdt)
-            dx = (cpu_kernels.input_grad(g.contiguous(), w_eff) if ctx.onednn else torch.matmul(g, w_eff)).to(ctx.x_dtype)
+            dx = ctx.products.input_grad(d_out.to(ctx.cdt), w_eff).to(ctx.x_dtype)
             del w_eff
         if ctx.needs_input_grad[1]:
             dv = sddmm(d_out.reshape(-1, m), x.reshape(-1, n), meta, layer.sddmm_impl).to(values.dtype)
