@@ -161,3 +161,43 @@ def test_training_with_and_without_onednn_gives_the_same_run(tiny_model_dir, tmp
                if '"loss"' in line] for d in ("on", "off")]
     assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-5)
+
+
+_CACHE_GROWTH = """
+import ctypes, torch
+from torch import nn
+from tunelab import cpu_kernels
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+heap = lambda: libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd
+model = nn.Sequential(nn.Linear(256, 1024), nn.Linear(1024, 256))
+with cpu_kernels.onednn_linears(model):
+    for i, rows in enumerate(range(100, 280, 3)):  # a new row count every step, as length-grouped batches are
+        model(torch.randn(rows, 256, requires_grad=True)).sum().backward()
+        if i == 9:
+            start = heap()
+print(heap() - start)
+"""
+
+
+def test_onednn_caches_stay_bounded_when_every_step_has_a_new_shape():
+    """oneDNN's primitive cache and ideep's keep 1,024 shapes' worth (~0.4 MB each) by default, which training
+    meets as heap growing at every new batch length; tunelab caps both (glibc's allocator statistics)."""
+    import ctypes
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc's mallinfo2")
+
+    def growth_mib(**env) -> float:
+        clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+        out = subprocess.run([sys.executable, "-c", _CACHE_GROWTH], env={**clean, **env},
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1]) / 2**20
+
+    capped, libraries_default = growth_mib(), growth_mib(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
+    assert libraries_default > 50 and capped < 8, (capped, libraries_default)
