@@ -58,8 +58,9 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Per-token ``cross_entropy(linear(hidden, weight, bias).float(), targets)``, ``chunk`` rows at a time.
 
-    The matmul runs in the dtype the head would use (autocast's, or the operands'), log-softmax in
-    fp32, as the unchunked path does. Backward: ``d loss_i / d logits_i = softmax_i - onehot_i``,
+    The matmul runs in the dtype the head would use (autocast's, or the operands'), the log-sum-exp
+    in fp32 as the unchunked path's log-softmax does, in place on the chunk's logits (one
+    [chunk x vocabulary] fp32 tensor alive at a time, in forward and backward). Backward: ``d loss_i / d logits_i = softmax_i - onehot_i``,
     computed in place on the recomputed chunk, then cast to the matmul dtype for the two products;
     the weight's gradient accumulates over chunks in fp32. Every target must be a valid index.
     """
@@ -76,12 +77,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             for s in range(0, n, chunk):
                 logits = products.linear(hidden[s:s + chunk].to(dtype), w, b).float()
-                t = targets[s:s + chunk]
-                # torch's own kernel, so each token's loss is bitwise the unchunked path's
-                loss = F.cross_entropy(logits, t, reduction="none")
-                losses[s:s + chunk] = loss
-                lse[s:s + chunk] = loss + logits.gather(1, t[:, None]).squeeze(1)  # log-sum-exp
+                target_logits = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+                # log-sum-exp in place on the chunk: cross_entropy would add a second logits-sized tensor
+                # (its log-softmax) at the step's peak, the end of the forward
+                top = logits.amax(1)
+                chunk_lse = logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
                 del logits
+                lse[s:s + chunk] = chunk_lse
+                losses[s:s + chunk] = chunk_lse - target_logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return losses
