@@ -66,8 +66,11 @@ def _packed_batch(tok, cfg, batch_size: int, length: int):
     return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "labels": torch.tensor(labels)}
 
 
-def run_variant(method_name: str, batch_size: int, length: int, chunk: int, seed: int, checkpointing: bool) -> dict:
+def run_variant(method_name: str, batch_size: int, length: int, chunk: int, seed: int, checkpointing: bool,
+                lean: bool = False) -> dict:
     import torch
+
+    from tunelab.train.lean_mlp import lean_mlps
 
     from tunelab.config import load_config
     from tunelab.loss import TargetPositionSelector, target_loss
@@ -90,8 +93,9 @@ def run_variant(method_name: str, batch_size: int, length: int, chunk: int, seed
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
-    loss_sum = target_loss(model, selector, batch, chunk_tokens=chunk)
-    loss_sum.backward()
+    with lean_mlps(model, lean):
+        loss_sum = target_loss(model, selector, batch, chunk_tokens=chunk)
+        loss_sum.backward()
     elapsed = time.perf_counter() - t0
     peak = peak_rss_bytes()
     grads = [p.grad.detach().double().norm() for p in model.parameters() if p.grad is not None]
@@ -109,18 +113,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     ap.add_argument("--variant-chunk", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--variant-lean", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant_chunk is not None:
         res = run_variant(args.method, args.batch_size, args.length, args.variant_chunk, args.seed,
-                          args.gradient_checkpointing)
+                          args.gradient_checkpointing, args.variant_lean)
         print("RESULT " + json.dumps(res))
         return
     results = {}
     common = ["--method", args.method, "--batch-size", str(args.batch_size), "--length", str(args.length),
               "--seed", str(args.seed)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
-    for name, chunk in (("all logits (today)", 0), (f"chunked ({args.chunk})", args.chunk)):
-        proc = subprocess.run([sys.executable, __file__, *common, "--variant-chunk", str(chunk)],
-                              capture_output=True, text=True)
+    variants = (("all logits, stock MLP (today)", 0, False), (f"chunked ({args.chunk}), stock MLP", args.chunk, False),
+                (f"chunked ({args.chunk}), train.lean_mlp (training's default)", args.chunk, True))
+    for name, chunk, lean in variants:
+        proc = subprocess.run([sys.executable, __file__, *common, "--variant-chunk", str(chunk)]
+                              + (["--variant-lean"] if lean else []), capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             sys.exit(f"variant {name} failed:\n{proc.stderr[-3000:]}")
@@ -130,20 +137,21 @@ def main() -> None:
 
 
 def _print_table(args, results: dict) -> None:
-    (_, ref), (_, new) = results.items()
+    ref = next(iter(results.values()))
     gib = 2**30
     rise = lambda r: r["peak_rss_bytes"] - r["rss_before_bytes"]  # noqa: E731
-    rel = lambda key: abs(new[key] - ref[key]) / abs(ref[key])  # noqa: E731
+    rel = lambda r, key: abs(r[key] - ref[key]) / abs(ref[key])  # noqa: E731
     ckpt = ", gradient checkpointing" if args.gradient_checkpointing else ""
     print(f"\n{args.method}{ckpt}, SmolLM2-135M fp32, CPU threads {os.cpu_count()}, batch {args.batch_size} x "
           f"{args.length} packed GSM8K tokens, {ref['targets']} target tokens, one forward + backward\n")
-    print("| loss path | peak RSS (GiB) | rise in fwd+bwd (GiB) | loss | grad norm | fwd+bwd (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| loss path | peak RSS (GiB) | vs today | rise in fwd+bwd (GiB) | loss | grad norm | fwd+bwd (s) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} ({r['path']}) | {r['peak_rss_bytes'] / gib:.2f} | {rise(r) / gib:.2f} "
-              f"| {r['loss']:.7f} | {r['grad_norm']:.6f} | {r['fwd_bwd_s']:.1f} |")
-    print(f"\npeak: {1 - new['peak_rss_bytes'] / ref['peak_rss_bytes']:.1%} lower; rise: {1 - rise(new) / rise(ref):.1%} "
-          f"lower; loss relative difference {rel('loss'):.2e}; grad norm relative difference {rel('grad_norm'):.2e}")
+        print(f"| {name} ({r['path']}) | {r['peak_rss_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / ref['peak_rss_bytes'] - 1:+.1%} "
+              f"| {rise(r) / gib:.2f} | {r['loss']:.7f} | {r['grad_norm']:.6f} | {r['fwd_bwd_s']:.1f} |")
+    for name, r in list(results.items())[1:]:
+        print(f"{name}: loss relative difference {rel(r, 'loss'):.2e}, grad norm {rel(r, 'grad_norm'):.2e}")
+
 
 if __name__ == "__main__":
     main()

@@ -55,6 +55,7 @@ def memory_accounting(trainer) -> dict:
     return {
         "precision": trainer.precision.name,
         "onednn_linear_layers": trainer.onednn_layers,  # train.onednn_linear: layers on oneDNN
+        "lean_mlp_layers": trainer.lean_mlps,  # train.lean_mlp: gated MLPs saving 2 activations, not 4
         "optimizer_state_bytes": int(all_reduce_sum(float(optimizer_state_bytes(trainer.optimizer)), trainer.procs)),
         "trainable_param_bytes": trainable,
         "master_weight_bytes": trainable if trainer.precision.is_mixed else 0,

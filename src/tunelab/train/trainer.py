@@ -47,6 +47,7 @@ from tunelab.train.evaluator import HeldOutEvaluator, evaluate_now, load_best
 from tunelab.train.loggers import MetricLoggers
 from tunelab.train.parallel import all_reduce_sum, any_process, init_distributed, make_backend, one_process_group
 from tunelab.cpu_kernels import onednn_linears
+from tunelab.train.lean_mlp import lean_mlps
 from tunelab.train.precision import LossScaler, keep_trainable_in_fp32, resolve_precision
 from tunelab.train.results import memory_accounting, run_results
 from tunelab.train.schedule import count_steps, lr_lambda
@@ -93,6 +94,7 @@ class Trainer:
         self.window_loss = self.window_tokens = 0.0
         self.last_loss = float("nan")
         self.onednn_layers = 0  # linear layers trained through oneDNN (train.onednn_linear), set by fit
+        self.lean_mlps = 0  # gated MLPs that recompute their activation in backward (train.lean_mlp), set by fit
         self.diverged_what: Optional[str] = None  # what stopped a diverged run, for its message
         self.evaluator: Optional[HeldOutEvaluator] = None  # train.eval_steps: the held-out loss during training
         self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint this process wrote
@@ -233,7 +235,8 @@ class Trainer:
         kernels = onednn_linears(self.plain_model, use_onednn, skip=(self.selector.head,))
         with catch_stop_signals(lambda signum: log.warning(
                 f"received signal {signum}: will checkpoint after this step and exit")) as stop, \
-                self._progress() as bar, kernels as self.onednn_layers:
+                self._progress() as bar, kernels as self.onednn_layers, \
+                lean_mlps(self.plain_model, self.cfg.train.lean_mlp) as self.lean_mlps:
             self.model.train()
             try:
                 while self.state.step < self.max_steps:
