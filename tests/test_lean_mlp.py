@@ -60,27 +60,52 @@ def test_lean_mlp_under_bf16_autocast_and_with_lora_adapters():
         assert ref and all("lora_" in k for k in ref) and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def _saved_bytes(model, ids, lean: bool) -> int:
-    seen: dict[int, int] = {}
-    params = {p.data_ptr() for p in model.parameters()}
+def _forward_heap_bytes(model, ids, lean: bool) -> int:
+    """Heap bytes the forward leaves allocated (what autograd keeps for backward), by glibc's statistics."""
+    import ctypes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
-    with lean_mlps(model, lean), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(seen.values())
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Info
+    heap = lambda: libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd  # noqa: E731
+    with lean_mlps(model, lean):
+        start = heap()
+        loss = model(input_ids=ids).logits.float().pow(2).mean()
+        kept = heap() - start
+        loss.backward()  # through the rebuilt products too
+    return kept
 
 
-def test_lean_mlp_saves_one_intermediate_tensor_less_per_block():
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-linear", "onednn-linear"])
+@pytest.mark.parametrize("adapter", ["full", "lora", "lora-dropout"])
+def test_lean_mlp_keeps_two_intermediate_tensors_less_per_block(adapter, onednn):
+    """act(gate) is recomputed, and the product down_proj saves (its weight's or LoRA A's input) is rebuilt."""
+    import ctypes
+
+    import peft
+
+    from tunelab import cpu_kernels
+    from tunelab.methods import lora_dropout
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc's mallinfo2")
     model = _tiny("LlamaConfig", "silu")
-    ids = torch.randint(0, 96, (2, 17))
-    saved_stock, saved_lean = _saved_bytes(model, ids, False), _saved_bytes(model, ids, True)
-    one_intermediate = 2 * 17 * 80 * 4  # [batch, tokens, intermediate] fp32
-    assert saved_stock - saved_lean == 2 * one_intermediate  # 2 blocks
+    model.model.embed_tokens.weight.requires_grad_(False)  # only what the blocks keep
+    if adapter != "full":
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                              lora_dropout=0.1 if adapter == "lora-dropout" else 0.0)
+        lora_dropout.register(cfg)  # tunelab's LoRA layers (1-bit dropout mask)
+        model = peft.get_peft_model(model, cfg)
+    ids = torch.randint(0, 96, (4, 512))
+    one_intermediate = 4 * 512 * 80 * 4  # [batch, tokens, intermediate] fp32
+    with cpu_kernels.onednn_linears(model, onednn):
+        _forward_heap_bytes(model, ids, False)  # first-call allocations (kernel caches, buffers) out of the way
+        stock, lean = _forward_heap_bytes(model, ids, False), _forward_heap_bytes(model, ids, True)
+    saved = (stock - lean) / (2 * 2 * one_intermediate)  # 2 blocks x (act(gate), the product)
+    assert 0.9 < saved < 1.1, (stock, lean, one_intermediate)
 
 
 def test_only_mlps_that_compute_the_gated_expression_are_switched():
