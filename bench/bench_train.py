@@ -16,6 +16,8 @@ steps, one process per variant (so peak RSS is per variant):
              (and never more than the B longest examples padded, the unpacked peak)
   tunelab-mkl, packed-mkl   the same with train.onednn_linear=false: torch's own CPU matmul (MKL),
              to show what the oneDNN kernels add
+  tunelab-bf16, grouped-bf16   tunelab train.precision=bf16-mixed and HF Trainer bf16=True (both bf16
+             autocast over fp32 weights; on a CPU for information only, CPU bf16 is slow)
 
 ``flatten`` and ``trl`` are timed for reference only: on CPU (sdpa/eager) their padding-free
 batches let packed examples attend to each other (transformers 5.24), so they train on wrong
@@ -101,8 +103,8 @@ def run_hf(variant: str, batch_size: int, steps: int, seed: int) -> dict:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), peft_config=lora)
     else:
         model = peft.get_peft_model(model, lora)
-        sampling = {"train_sampling_strategy": "group_by_length"} if variant == "grouped" else {}
-        args = TrainingArguments(**common, **sampling)
+        sampling = {"train_sampling_strategy": "group_by_length"} if variant.startswith("grouped") else {}
+        args = TrainingArguments(**common, **sampling, bf16=variant.endswith("-bf16"))
         collator = DataCollatorWithFlattening() if variant == "flatten" else \
             DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
@@ -136,7 +138,8 @@ def pack_length(data, batch_size: int) -> int:
     return max(max(len(t) for t in data), 64 * math.ceil(batch_size * mean / 64))
 
 
-def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False, onednn: bool = True) -> dict:
+def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False, onednn: bool = True,
+                precision: str = "auto") -> dict:
     import tempfile
 
     from tunelab.config import load_config
@@ -152,7 +155,7 @@ def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False, on
         f"task={TASK}", "method=lora", "method.rank=8", "method.alpha=16", "method.dropout=0.05",
         "method.target_modules=all-linear", f"data.limit={batch_size * steps}", *shape, "train.lr=7e-4",
         "train.report_to=[]", "train.progress_bar=false", f"seed={seed}", f"out={out}",
-        f"train.onednn_linear={str(onednn).lower()}",
+        f"train.onednn_linear={str(onednn).lower()}", f"train.precision={precision}",
     ])
     trainer = Trainer(cfg)
     trainer.setup()
@@ -168,18 +171,21 @@ def run_tunelab(batch_size: int, steps: int, seed: int, packed: bool = False, on
 
     trainer.train_step = timed_step
     res = trainer.fit()
-    return {"variant": ("packed" if packed else "tunelab") + ("" if onednn else "-mkl"), "real_tokens": res["train_tokens"],
+    suffix = ("" if onednn else "-mkl") + ("-bf16" if precision == "bf16-mixed" else "")
+    return {"variant": ("packed" if packed else "tunelab") + suffix, "real_tokens": res["train_tokens"],
             "train_time_s": res["train_time_s"], "cpu_s": cpu, "tokens_per_s": res["train_tokens_per_s"],
             "tokens_per_cpu_s": res["train_tokens"] / cpu, "peak_rss_bytes": res["peak_rss_bytes"],
             "steps": res["steps"]}
 
 
-VARIANTS = ("padded720", "dynamic", "grouped", "flatten", "trl", "tunelab", "packed", "tunelab-mkl", "packed-mkl")
+VARIANTS = ("padded720", "dynamic", "grouped", "flatten", "trl", "tunelab", "packed", "tunelab-mkl", "packed-mkl",
+            "tunelab-bf16", "grouped-bf16")
 NAMES = {"padded720": "HF Trainer + PEFT, padded to max_length (original)", "dynamic": "HF Trainer + PEFT, dynamic padding",
          "grouped": "HF Trainer + PEFT, group_by_length", "flatten": "HF DataCollatorWithFlattening (reference only)",
          "trl": "TRL SFTTrainer padding_free (reference only)", "tunelab": "tunelab train",
          "packed": "tunelab train data.packing=true", "tunelab-mkl": "tunelab train, train.onednn_linear=false",
-         "packed-mkl": "tunelab train data.packing=true, train.onednn_linear=false"}
+         "packed-mkl": "tunelab train data.packing=true, train.onednn_linear=false",
+         "tunelab-bf16": "tunelab train train.precision=bf16-mixed", "grouped-bf16": "HF Trainer + PEFT, group_by_length, bf16=True"}
 CORRECT_PEERS = ("padded720", "dynamic", "grouped")
 
 
@@ -217,7 +223,8 @@ def main() -> None:
     if args.variant:
         if args.variant.startswith(("tunelab", "packed")):
             res = run_tunelab(args.batch_size, args.steps, args.seed, packed=args.variant.startswith("packed"),
-                              onednn=not args.variant.endswith("-mkl"))
+                              onednn=not args.variant.endswith("-mkl"),
+                              precision="bf16-mixed" if args.variant.endswith("-bf16") else "auto")
         else:
             res = run_hf(args.variant, args.batch_size, args.steps, args.seed)
         print("RESULT " + json.dumps(res))

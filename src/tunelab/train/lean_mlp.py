@@ -113,7 +113,8 @@ class _ProductHooks:
     def pack(self, t: torch.Tensor):
         if self.pending and _is_view_of_all(t, self.pending[0]):
             _, gate, up, act = self.pending
-            return _Recipe(gate, up, act, t.shape)
+            # detached: the same storage (kept anyway by GatedActivation), no hold on the graph before them
+            return _Recipe(gate.detach(), up.detach(), act, t.shape)
         return t
 
     @staticmethod
