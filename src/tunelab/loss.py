@@ -60,8 +60,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     The matmul runs in the dtype the head would use (autocast's, or the operands'), the log-sum-exp
     in fp32 as the unchunked path's log-softmax does, in place on the chunk's logits (one
-    [chunk x vocabulary] fp32 tensor alive at a time, in forward and backward). Backward: ``d loss_i / d logits_i = softmax_i - onehot_i``,
-    computed in place on the recomputed chunk, then cast to the matmul dtype for the two products;
+    [chunk x vocabulary] fp32 tensor alive at a time, in forward and backward). Backward:
+    ``d loss_i / d logits_i = softmax_i - onehot_i``, computed in place on the recomputed chunk,
+    then cast to the matmul dtype for the two products;
     the weight's gradient accumulates over chunks in fp32. Every target must be a valid index.
     """
 

@@ -191,7 +191,7 @@ class TrainConfig:
         True,
         "Gated MLPs (Llama, Mistral, Qwen, Gemma...: down(act(gate) * up)) keep only gate and up for backward "
         "and recompute act(gate) and the product there: 2 of their 4 [tokens x intermediate] tensors (on SmolLM2 "
-        "28% less saved activation memory), bitwise the same numbers, two elementwise passes more in backward.",
+        "~30% less saved activation memory), bitwise the same numbers, two elementwise passes more in backward.",
     )
     logging_steps: int = opt(1, "Write a metrics line every this many optimizer steps.")
     eval_steps: int = opt(
