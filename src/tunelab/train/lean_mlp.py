@@ -4,7 +4,7 @@ Llama-family blocks compute ``down_proj(act(gate_proj(x)) * up_proj(x))``. Under
 keeps four [tokens x intermediate] tensors per block until backward: ``gate`` (for the activation's
 gradient), ``act(gate)`` and ``up`` (for the product's), and the product (the input ``down_proj``
 needs for its weight or adapter gradient). They are the largest saved tensors of such a model: on
-SmolLM2-135M (intermediate 1,536 = 2.7x the hidden size) 55% of everything a LoRA step saves.
+SmolLM2-135M (intermediate 1,536 = 2.7x the hidden size) 60% of everything a LoRA step saves.
 
 Here each block keeps only ``gate`` and ``up``:
 
