@@ -175,25 +175,17 @@ class _HeapSampler:
     which RSS is not (RSS also keeps what the allocator holds after a free, and the mapped weights)."""
 
     def __init__(self):
-        import ctypes
         import threading
 
-        class Info(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in
-                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+        from tunelab.utils import heap_in_use_bytes
 
-        libc = ctypes.CDLL(None)
-        self.peak_bytes = None
-        if not hasattr(libc, "mallinfo2"):
-            return
-        libc.mallinfo2.restype = Info
-        self._info, self.peak_bytes = libc.mallinfo2, 0
-        threading.Thread(target=self._poll, daemon=True).start()
+        self._read, self.peak_bytes = heap_in_use_bytes, heap_in_use_bytes()
+        if self.peak_bytes is not None:
+            threading.Thread(target=self._poll, daemon=True).start()
 
     def _poll(self) -> None:
         while True:
-            info = self._info()
-            self.peak_bytes = max(self.peak_bytes, info.uordblks + info.hblkhd)
+            self.peak_bytes = max(self.peak_bytes, self._read())
             time.sleep(0.001)
 
 

@@ -164,14 +164,10 @@ def test_training_with_and_without_onednn_gives_the_same_run(tiny_model_dir, tmp
 
 
 _CACHE_GROWTH = """
-import ctypes, torch
+import torch
 from torch import nn
 from tunelab import cpu_kernels
-libc = ctypes.CDLL("libc.so.6")
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = Info
-heap = lambda: libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd
+from tunelab.utils import heap_in_use_bytes as heap
 model = nn.Sequential(nn.Linear(256, 1024), nn.Linear(1024, 256))
 with cpu_kernels.onednn_linears(model):
     for i, rows in enumerate(range(100, 280, 3)):  # a new row count every step, as length-grouped batches are
@@ -185,12 +181,13 @@ print(heap() - start)
 def test_onednn_caches_stay_bounded_when_every_step_has_a_new_shape():
     """oneDNN's primitive cache and ideep's keep 1,024 shapes' worth (~0.4 MB each) by default, which training
     meets as heap growing at every new batch length; tunelab caps both (glibc's allocator statistics)."""
-    import ctypes
     import os
     import subprocess
     import sys
 
-    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+    from tunelab.utils import heap_in_use_bytes
+
+    if heap_in_use_bytes() is None:
         pytest.skip("needs glibc's mallinfo2")
 
     def growth_mib(**env) -> float:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tunelab.train.lean_mlp import is_gated_mlp, lean_mlps
+from tunelab.utils import heap_in_use_bytes
 
 # model types whose MLP is down(act(gate) * up): (config class, activation)
 GATED = [("LlamaConfig", "silu"), ("MistralConfig", "silu"), ("Qwen2Config", "silu"), ("Qwen3Config", "silu"),
@@ -62,19 +63,10 @@ def test_lean_mlp_under_bf16_autocast_and_with_lora_adapters():
 
 def _forward_heap_bytes(model, ids, lean: bool) -> int:
     """Heap bytes the forward leaves allocated (what autograd keeps for backward), by glibc's statistics."""
-    import ctypes
-
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = Info
-    heap = lambda: libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd  # noqa: E731
     with lean_mlps(model, lean):
-        start = heap()
+        start = heap_in_use_bytes()
         loss = model(input_ids=ids).logits.float().pow(2).mean()
-        kept = heap() - start
+        kept = heap_in_use_bytes() - start
         loss.backward()  # through the rebuilt products too
     return kept
 
@@ -83,14 +75,12 @@ def _forward_heap_bytes(model, ids, lean: bool) -> int:
 @pytest.mark.parametrize("adapter", ["full", "lora", "lora-dropout"])
 def test_lean_mlp_keeps_two_intermediate_tensors_less_per_block(adapter, onednn):
     """act(gate) is recomputed, and the product down_proj saves (its weight's or LoRA A's input) is rebuilt."""
-    import ctypes
-
     import peft
 
     from tunelab import cpu_kernels
     from tunelab.methods import lora_dropout
 
-    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+    if heap_in_use_bytes() is None:
         pytest.skip("needs glibc's mallinfo2")
     model = _tiny("LlamaConfig", "silu")
     model.model.embed_tokens.weight.requires_grad_(False)  # only what the blocks keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -174,6 +175,32 @@ def peak_rss_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@functools.cache
+def _mallinfo2():
+    """glibc's ``mallinfo2`` with its result type, or None where the C library has none (musl, macOS)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes malloc has handed out and not got back (glibc: heap chunks in use plus mmapped chunks),
+    the CPU counterpart of CUDA's allocated memory; None without glibc's ``mallinfo2``."""
+    info = _mallinfo2()
+    if info is None:
+        return None
+    stats = info()
+    return stats.uordblks + stats.hblkhd
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -42,7 +42,6 @@ from tunelab import cpu_kernels
 from tunelab.methods.dropout import FUSED_DROPOUT_DEVICES, FastDropout, apply_fast_mask, fast_dropout
 
 
-
 class _ExactTypeMeta(type):
     """``isinstance(obj, K)`` is ``type(obj) is K.exact``: a dispatch key that ignores subclasses."""
 
