@@ -1,4 +1,5 @@
-"""Peak memory of the target loss: all logits at once (today's path) vs chunked (train.loss_chunk_tokens).
+"""Peak memory of the target loss: all logits at once (today's path) vs chunked (train.loss_chunk_tokens),
+and chunked with train.lean_mlp (training's default: gated MLPs keep 2 of their 4 intermediates).
 
 Side by side in one run, one process per variant (so peak RSS is per variant): the default model
 (SmolLM2-135M, fp32, CPU), prepared by tunelab's own method (LoRA r8 all-linear by default, or
@@ -70,12 +71,11 @@ def run_variant(method_name: str, batch_size: int, length: int, chunk: int, seed
                 lean: bool = False) -> dict:
     import torch
 
-    from tunelab.train.lean_mlp import lean_mlps
-
     from tunelab.config import load_config
     from tunelab.loss import TargetPositionSelector, target_loss
     from tunelab.methods import get_method
     from tunelab.models import load_model, load_tokenizer, materialize
+    from tunelab.train.lean_mlp import lean_mlps
     from tunelab.utils import peak_rss_bytes
 
     torch.manual_seed(seed)
