@@ -108,6 +108,36 @@ def test_equal_to_peft_under_bf16_autocast_and_gradient_checkpointing(tiny_model
     _assert_same_step(_step(models[0]), _step(models[1]))
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-linears", "onednn-linears"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_update_is_added_into_the_base_layers_output(tiny_model_dir, monkeypatch, dropout, onednn):
+    """In training the scaled update goes into the base layer's output in place (no output-sized
+    temporaries: oneDNN's 3D products, views of its 2D result, included), bit for bit PEFT's sum."""
+    from tunelab.cpu_kernels import available, onednn_linears
+
+    if onednn and not available():
+        pytest.skip("this torch has no oneDNN")
+    runs = []
+    for bit_mask in (True, False):
+        model = _lora(tiny_model_dir, dropout, bit_mask, monkeypatch)
+        layer = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
+        storage = {}
+
+        def record(key):
+            def hook(module, args, out):
+                storage.setdefault(key, out.untyped_storage().data_ptr())  # the first forward's
+            return hook
+
+        hooks = [m.register_forward_hook(record(key)) for key, m in (("base", layer.base_layer), ("layer", layer))]
+        with onednn_linears(model, onednn) as switched:
+            assert (switched > 0) == onednn
+            runs.append(_step(model))
+        for h in hooks:
+            h.remove()
+        assert (storage["base"] == storage["layer"]) == bit_mask, "the sum is in place only in tunelab's layer"
+    _assert_same_step(*runs)
+
+
 def test_eval_and_no_grad_apply_no_dropout(tiny_model_dir, monkeypatch):
     ours, stock = _lora(tiny_model_dir, 0.3, True, monkeypatch), _lora(tiny_model_dir, 0.3, False, monkeypatch)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -171,6 +171,15 @@ def products_for(x: torch.Tensor, weight: torch.Tensor) -> Products:
     return ONEDNN if active() and usable(x, weight) else TORCH
 
 
+def _not_a_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own that shares its storage. oneDNN returns a batched (3D) product as
+    a view of its 2D result; autograd forbids in-place ops on a custom function's view outputs, and
+    LoRA adds its update into the base layer's output in place (:mod:`tunelab.methods.lora_dropout`)."""
+    if t._base is None:
+        return t
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 class OneDnnLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` with forward, input and weight gradient on oneDNN. It saves what
     torch's own linear saves: the weight for the input gradient, the input only where the weight
@@ -181,7 +190,7 @@ class OneDnnLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         ctx.need_b = need_b and bias is not None
-        return linear(x, weight, bias)
+        return _not_a_view(linear(x, weight, bias))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
