@@ -32,9 +32,9 @@ from tunelab.methods.lora_dropout import (
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _lora(tiny_model_dir, dropout: float, bit_mask: bool, monkeypatch, fast_dropout: bool = True):
+def _lora(tiny_model_dir, dropout: float, bit_mask: bool, monkeypatch, fast_dropout: bool = True, methods=None):
     """The tiny model with tunelab's LoRA (r 4), B initialised non-zero so A gets gradients too;
-    ``fast_dropout=False`` keeps PEFT's own nn.Dropout modules."""
+    ``fast_dropout=False`` keeps PEFT's own nn.Dropout modules; the method goes into ``methods``."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(LoraMethod, "bit_mask_dropout", bit_mask)
@@ -43,7 +43,10 @@ def _lora(tiny_model_dir, dropout: float, bit_mask: bool, monkeypatch, fast_drop
                                  f"method.dropout={dropout}"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     torch.manual_seed(0)  # lora_A's init
-    model = LoraMethod(cfg.method).prepare(base, cfg)
+    method = LoraMethod(cfg.method)
+    model = method.prepare(base, cfg)
+    if methods is not None:
+        methods.append(method)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -136,6 +139,41 @@ def test_the_update_is_added_into_the_base_layers_output(tiny_model_dir, monkeyp
             h.remove()
         assert (storage["base"] == storage["layer"]) == bit_mask, "the sum is in place only in tunelab's layer"
     _assert_same_step(*runs)
+
+
+def test_the_dropout_temporaries_reuse_one_scratch_freed_when_training_ends(tiny_model_dir, monkeypatch):
+    """Every adapted layer's dropout writes its temporaries into the model's one DropoutScratch (the
+    same memory step after step, the same bits as fresh tensors); LoRA's on_train_end frees it."""
+    from tunelab.methods.base import TrainState
+    from tunelab.methods.lora_dropout import DropoutScratch
+
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(4, 16, requires_grad=True)
+    scratch = DropoutScratch()
+    results = []
+    for use in (scratch, None, scratch):
+        torch.manual_seed(2)
+        h = _DropoutDownProjection.apply(x, weight, 0.3, torch.float32, "uniform15", use)
+        h.backward(torch.ones_like(h))
+        results.append((h.detach(), x.grad.clone(), weight.grad.clone()))
+        x.grad = weight.grad = None
+        if use is not None:
+            results[-1] += ({k: b.data_ptr() for k, b in scratch._buffers.items()},)
+    assert all(torch.equal(a, b) for a, b in zip(results[0][:3], results[1]))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][:3], results[2][:3]))
+    assert results[0][3] == results[2][3] and len(results[0][3]) == 4  # words, mask, dropped, gathered
+    assert DropoutScratch().take_for(torch.device("cpu")) is not None
+
+    methods = []
+    model = _lora(tiny_model_dir, 0.1, True, monkeypatch, methods=methods)
+    (method,) = methods
+    shared = {id(m.dropout_scratch) for m in model.modules() if hasattr(m, "dropout_scratch")}
+    assert shared == {id(method._scratch)} and method._scratch.nbytes == 0
+    _step(model)
+    assert method._scratch.nbytes > 0
+    for cb in method.callbacks():
+        cb.on_train_end(TrainState(), model)
+    assert method._scratch.nbytes == 0
 
 
 def test_eval_and_no_grad_apply_no_dropout(tiny_model_dir, monkeypatch):
@@ -283,11 +321,16 @@ def test_no_dropped_out_input_copy_is_held_for_backward(tiny_model_dir, monkeypa
     for h in hooks:
         h.remove()
     copies = sum(inputs) * (4 + 1)
-    ours_held = _held_after_forward(_lora(tiny_model_dir, 0.1, True, monkeypatch))
+    ours = _lora(tiny_model_dir, 0.1, True, monkeypatch)
+    ours_held = _held_after_forward(ours)
     floor = _held_after_forward(_lora(tiny_model_dir, 0.0, False, monkeypatch, fast_dropout=False))  # no dropout
     assert stock_held - floor >= 0.95 * copies  # what PEFT pays for its dropout
+    # the dropout's temporaries reuse one scratch memory, sized by the largest layer alone: random
+    # words 2 bytes, mask 1, dropped copy 4 and bit-gathering product 1 per element of its input
+    (scratch,) = {id(m.dropout_scratch): m.dropout_scratch for m in ours.modules() if hasattr(m, "dropout_scratch")}.values()
+    assert 0 < scratch.nbytes <= 8 * max(inputs)
     bits = sum(-(-n // 8) for n in inputs)  # ours: the packed masks, one bit per element
-    assert ours_held - floor <= bits, (ours_held - floor, bits, copies)
+    assert ours_held - scratch.nbytes - floor <= bits, (ours_held - floor, scratch.nbytes, bits, copies)
 
 
 def test_dispatch_keys_match_only_their_exact_layer_types():

@@ -13,6 +13,7 @@ exact. On CUDA-like devices (the fused ``native_dropout``, already fast) it is `
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,14 +30,24 @@ def rounded_p(p: float) -> float:
     return round(p * _UNIFORM_LEVELS) / _UNIFORM_LEVELS
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+#: ``take(role, numel, dtype)``: a 1D tensor to overwrite, for a temporary (see ``lora_dropout.DropoutScratch``)
+Take = Callable[[str, int, torch.dtype], torch.Tensor]
+
+
+def _fresh(device: torch.device) -> Take:
+    return lambda role, numel, dtype: torch.empty(numel, dtype=dtype, device=device)
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device, take: Optional[Take] = None) -> torch.Tensor:
     """A bool mask, True with probability ``1 - rounded_p(p)`` independently per element, drawn from the
     default generator as 15-bit uniform integers, four per 64-bit random word (``random_()`` fills an
-    int64 with 63 random bits; the top bit of each 16-bit quarter is masked off)."""
+    int64 with 63 random bits; the top bit of each 16-bit quarter is masked off). ``take`` supplies
+    the random words' and the mask's memory (fresh tensors by default): the same draws either way."""
     n = math.prod(shape)
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_()
+    take = take or _fresh(device)
+    words = take("words", -(-n // 4), torch.int64).random_()
     uniform = words.view(torch.int16)[:n].bitwise_and_(_UNIFORM_LEVELS - 1)
-    return uniform.ge(round(p * _UNIFORM_LEVELS)).view(shape)
+    return torch.ge(uniform, round(p * _UNIFORM_LEVELS), out=take("mask", n, torch.bool)).view(shape)
 
 
 def apply_fast_mask(t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -44,10 +55,14 @@ def apply_fast_mask(t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tens
     return t.mul(mask).mul_(1.0 / (1.0 - rounded_p(p)))
 
 
-def fast_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dropped x, keep-mask)`` with a :func:`keep_mask` (``rounded_p(p)`` must be below 1)."""
-    mask = keep_mask(x.shape, p, x.device)
-    return apply_fast_mask(x, mask, p), mask
+def fast_dropout(x: torch.Tensor, p: float, take: Optional[Take] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dropped x, keep-mask)`` with a :func:`keep_mask` (``rounded_p(p)`` must be below 1); ``take``
+    as there, also for the dropped copy (then both results live in its memory)."""
+    mask = keep_mask(x.shape, p, x.device, take)
+    if take is None:
+        return apply_fast_mask(x, mask, p), mask
+    dropped = torch.mul(x, mask, out=take("dropped", x.numel(), x.dtype).view(x.shape))
+    return dropped.mul_(1.0 / (1.0 - rounded_p(p))), mask
 
 
 class FastDropout(nn.Dropout):

@@ -19,7 +19,7 @@ from typing import ClassVar, Optional, Union
 from torch import nn
 
 from tunelab.config import MethodConfig, RunConfig, opt
-from tunelab.methods.base import Method
+from tunelab.methods.base import Callback, Method, TrainState
 from tunelab.registry import METHODS
 
 INIT_CHOICES = ("default", "gaussian", "pissa", "olora", "loftq", "eva", "corda")
@@ -111,10 +111,14 @@ class LoraMethod(Method):
                 f"LoRA could not be applied: {exc}. Check method.target_modules "
                 f"(got {self.config.target_modules!r}); 'all-linear' adapts every linear layer but the output head."
             ) from exc
-        from tunelab.methods.lora_dropout import use_fast_dropout
+        from tunelab.methods.lora_dropout import share_dropout_scratch, use_fast_dropout
 
         use_fast_dropout(model)  # CPU: a quarter of the random numbers per mask (see FastDropout)
+        self._scratch = share_dropout_scratch(model)  # CPU: the dropout's temporaries reuse one memory
         return model
+
+    def callbacks(self) -> list[Callback]:
+        return [_ReleaseDropoutScratch(self)]
 
     def save_artifact(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -128,3 +132,14 @@ class LoraMethod(Method):
         return model.merge_and_unload()
 
 
+class _ReleaseDropoutScratch(Callback):
+    """Frees the dropout's scratch memory (:class:`~tunelab.methods.lora_dropout.DropoutScratch`) when
+    training ends: evaluation and generation run without dropout."""
+
+    def __init__(self, method: LoraMethod):
+        self.method = method
+
+    def on_train_end(self, state: TrainState, model: nn.Module) -> None:
+        scratch = getattr(self.method, "_scratch", None)
+        if scratch is not None:
+            scratch.release()
