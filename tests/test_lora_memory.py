@@ -327,7 +327,8 @@ def test_no_dropped_out_input_copy_is_held_for_backward(tiny_model_dir, monkeypa
     assert stock_held - floor >= 0.95 * copies  # what PEFT pays for its dropout
     # the dropout's temporaries reuse one scratch memory, sized by the largest layer alone: random
     # words 2 bytes, mask 1, dropped copy 4 and bit-gathering product 1 per element of its input
-    (scratch,) = {id(m.dropout_scratch): m.dropout_scratch for m in ours.modules() if hasattr(m, "dropout_scratch")}.values()
+    (scratch,) = {id(m.dropout_scratch): m.dropout_scratch
+                  for m in ours.modules() if hasattr(m, "dropout_scratch")}.values()
     assert 0 < scratch.nbytes <= 8 * max(inputs)
     bits = sum(-(-n // 8) for n in inputs)  # ours: the packed masks, one bit per element
     assert ours_held - scratch.nbytes - floor <= bits, (ours_held - floor, scratch.nbytes, bits, copies)

@@ -177,7 +177,8 @@ def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     LoRA adds its update into the base layer's output in place (:mod:`tunelab.methods.lora_dropout`)."""
     if t._base is None:
         return t
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    own = torch.empty(0, dtype=t.dtype, device=t.device)
+    return own.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
 class OneDnnLinear(torch.autograd.Function):

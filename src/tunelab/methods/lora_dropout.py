@@ -24,8 +24,8 @@ bit those of PEFT's layer with the same dropout module, and resume stays exact. 
 0 too) the update ``lora_B(...) * scaling`` is scaled and added into the base layer's output in place
 where that computes the same bits (see :func:`_add_update`), instead of PEFT's two output-sized
 temporaries per layer. Everything else (eval, merged or disabled adapters, mixed-adapter batches,
-DoRA and other variants, ``torch.no_grad``) is PEFT's forward unchanged. A 4-bit base (QLoRA) gets the same through a subclass
-of PEFT's bitsandbytes ``Linear4bit`` layer; the dispatch keys match ``torch.nn.Linear`` and
+DoRA and other variants, ``torch.no_grad``) is PEFT's forward unchanged. A 4-bit base (QLoRA) gets
+the same through a subclass of PEFT's bitsandbytes ``Linear4bit`` layer; the dispatch keys match ``torch.nn.Linear`` and
 ``bnb.nn.Linear4bit`` themselves, so other subclasses (8-bit) keep PEFT's layers.
 """
 
